@@ -1,0 +1,352 @@
+//! The content-addressed store under `cache/`.
+//!
+//! ```text
+//! cache/
+//!   <kind>/<key>/          a finished entry: outputs, log.txt, manifest.json (written last)
+//!   tmp/<key>/             a stage in progress; renamed to <kind>/<key> only on success
+//!   tmp/<key>/checkpoint/  kept across failed attempts so the next one resumes
+//!   locks/<key>.lock       one flock per key: two runs never compute the same stage at once
+//!   state/                 fingerprint stat caches
+//!   journal/               per-pipeline history of stage keys (for `pretext status`)
+//! ```
+//!
+//! An entry exists if and only if its directory exists under `<kind>/`: it appears by one
+//! `rename(2)`, so a killed run leaves either no entry or a whole one.
+
+use super::digest::StageKey;
+use super::fingerprint::hash_file;
+use super::key::KeyInput;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const LOG: &str = "log.txt";
+const CHECKPOINT: &str = "checkpoint";
+pub const MANIFEST_SCHEMA: u32 = 1;
+
+/// `manifest.json` of an entry. Stable JSON: scripts read it.
+///
+/// ```json
+/// { "schema_version": 1, "key": "<64 hex>", "kind": "mae", "stage": "chest_mae",
+///   "key_input": { "key_schema": 1, "kind": "mae", "version": 1, "params": {..},
+///                  "inputs": { "images": [ { "type": "data", "fingerprint": "<hex>" } ] } },
+///   "outputs": { "encoder.safetensors": "<blake3 hex>", .. },
+///   "started_at_unix": 1764000000, "wall_s": 12.5, "peak_rss_kib": 81234,
+///   "host": "node1", "device": "cpu", "pretext_version": "0.1.0", "metrics": { .. } }
+/// ```
+/// `stage` is the name under which the entry was first computed; other pipelines may reuse it
+/// under other names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub key: StageKey,
+    pub kind: String,
+    pub stage: String,
+    pub key_input: KeyInput,
+    /// blake3 of every file in the entry except the manifest itself, by relative path.
+    pub outputs: BTreeMap<String, String>,
+    pub started_at_unix: u64,
+    pub wall_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_kib: Option<u64>,
+    pub host: String,
+    pub device: String,
+    pub pretext_version: String,
+    pub metrics: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A finished entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub dir: PathBuf,
+    pub kind: String,
+    pub key: StageKey,
+}
+
+impl Entry {
+    pub fn manifest(&self) -> io::Result<Manifest> {
+        let path = self.dir.join(MANIFEST);
+        let text = fs::read_to_string(&path)?;
+        serde_json::from_str(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })
+    }
+}
+
+/// Held while a stage of this key runs; released on drop (or by the kernel if the process dies).
+pub struct KeyLock {
+    _file: File,
+}
+
+/// The temp folder a stage writes into.
+pub struct Staging {
+    pub dir: PathBuf,
+    pub checkpoint_dir: PathBuf,
+    kind: String,
+    key: StageKey,
+}
+
+impl Store {
+    pub fn open(root: &Path) -> io::Result<Store> {
+        for sub in ["tmp", "locks", "state", "journal"] {
+            fs::create_dir_all(root.join(sub)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create cache folder {}: {e}",
+                        root.join(sub).display()
+                    ),
+                )
+            })?;
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+    pub fn journal_dir(&self) -> PathBuf {
+        self.root.join("journal")
+    }
+
+    pub fn entry_dir(&self, kind: &str, key: &StageKey) -> PathBuf {
+        self.root.join(kind).join(key.hex())
+    }
+
+    pub fn lookup(&self, kind: &str, key: &StageKey) -> Option<Entry> {
+        let dir = self.entry_dir(kind, key);
+        dir.join(MANIFEST).is_file().then(|| Entry {
+            dir,
+            kind: kind.to_owned(),
+            key: *key,
+        })
+    }
+
+    /// Takes the key's lock, calling `on_wait` once if another process holds it.
+    pub fn lock(&self, key: &StageKey, on_wait: impl FnOnce()) -> io::Result<KeyLock> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks").join(format!("{}.lock", key.hex())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                on_wait();
+                file.lock()?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        Ok(KeyLock { _file: file })
+    }
+
+    /// Whether some process holds the key's lock right now (for gc, which must not delete a
+    /// running stage's staging folder).
+    pub fn is_locked(&self, key: &StageKey) -> bool {
+        let path = self.root.join("locks").join(format!("{}.lock", key.hex()));
+        let Ok(file) = File::options().write(true).open(path) else {
+            return false;
+        };
+        matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock))
+    }
+
+    /// Prepares `tmp/<key>/`, keeping a checkpoint left by an earlier attempt. Needs the lock.
+    pub fn stage(&self, kind: &str, key: &StageKey, _lock: &KeyLock) -> io::Result<Staging> {
+        let dir = self.root.join("tmp").join(key.hex());
+        let checkpoint_dir = dir.join(CHECKPOINT);
+        if dir.exists() {
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                if entry.file_name() != CHECKPOINT {
+                    remove_any(&entry.path())?;
+                }
+            }
+        }
+        fs::create_dir_all(&checkpoint_dir)?;
+        Ok(Staging {
+            dir,
+            checkpoint_dir,
+            kind: kind.to_owned(),
+            key: *key,
+        })
+    }
+
+    /// Hashes the outputs, writes the manifest, syncs, and renames the staging folder into place.
+    /// Replaces an existing entry of the same key (a `--force` rerun).
+    pub fn publish(&self, staging: Staging, mut manifest: Manifest) -> io::Result<Entry> {
+        remove_any(&staging.checkpoint_dir)?;
+        manifest.outputs = hash_tree(&staging.dir)?;
+        manifest.outputs.remove(MANIFEST);
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?;
+        let mut file = File::create(staging.dir.join(MANIFEST))?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        sync_tree(&staging.dir)?;
+        let target = self.entry_dir(&staging.kind, &staging.key);
+        fs::create_dir_all(target.parent().expect("entry has a kind folder"))?;
+        if target.exists() {
+            self.remove(&Entry {
+                dir: target.clone(),
+                kind: staging.kind.clone(),
+                key: staging.key,
+            })?;
+        }
+        fs::rename(&staging.dir, &target)?;
+        File::open(target.parent().expect("kind folder"))?.sync_all()?;
+        Ok(Entry {
+            dir: target,
+            kind: staging.kind,
+            key: staging.key,
+        })
+    }
+
+    /// Moves the entry out of sight in one rename, then deletes it.
+    pub fn remove(&self, entry: &Entry) -> io::Result<()> {
+        let trash =
+            self.root
+                .join("tmp")
+                .join(format!("trash-{}-{}", entry.key.hex(), std::process::id()));
+        fs::rename(&entry.dir, &trash)?;
+        fs::remove_dir_all(&trash)
+    }
+
+    /// Every finished entry, sorted by kind then key.
+    pub fn entries(&self) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        for kind_dir in fs::read_dir(&self.root)? {
+            let kind_dir = kind_dir?;
+            let kind = kind_dir.file_name().to_string_lossy().into_owned();
+            if ["tmp", "locks", "state", "journal"].contains(&kind.as_str())
+                || !kind_dir.file_type()?.is_dir()
+            {
+                continue;
+            }
+            for e in fs::read_dir(kind_dir.path())? {
+                let e = e?;
+                if let Some(key) = StageKey::parse(&e.file_name().to_string_lossy()) {
+                    out.push(Entry {
+                        dir: e.path(),
+                        kind: kind.clone(),
+                        key,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.kind, a.key.hex()).cmp(&(&b.kind, b.key.hex())));
+        Ok(out)
+    }
+
+    /// Staging folders (unfinished or failed stages), by key.
+    pub fn staging_dirs(&self) -> io::Result<Vec<(StageKey, PathBuf)>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.root.join("tmp"))? {
+            let e = e?;
+            if let Some(key) = StageKey::parse(&e.file_name().to_string_lossy()) {
+                out.push((key, e.path()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds an entry by a full key or a unique prefix of at least 6 hex digits.
+    pub fn find(&self, key_prefix: &str) -> io::Result<Vec<Entry>> {
+        if key_prefix.len() < 6 || !key_prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|e| e.key.hex().starts_with(key_prefix))
+            .collect())
+    }
+}
+
+/// Checks an entry's files against its manifest: the list of problems, empty when intact.
+pub fn verify(entry: &Entry) -> Vec<String> {
+    let manifest = match entry.manifest() {
+        Ok(m) => m,
+        Err(e) => return vec![format!("manifest unreadable: {e}")],
+    };
+    let mut problems = Vec::new();
+    if manifest.key != entry.key || manifest.key_input.key() != entry.key {
+        problems.push("manifest does not match the entry's key".to_owned());
+    }
+    let actual = match hash_tree(&entry.dir) {
+        Ok(mut t) => {
+            t.remove(MANIFEST);
+            t
+        }
+        Err(e) => return vec![format!("cannot read files: {e}")],
+    };
+    for (path, digest) in &manifest.outputs {
+        match actual.get(path) {
+            None => problems.push(format!("{path}: missing")),
+            Some(d) if d != digest => problems.push(format!("{path}: content changed")),
+            Some(_) => {}
+        }
+    }
+    for path in actual.keys().filter(|p| !manifest.outputs.contains_key(*p)) {
+        problems.push(format!("{path}: not in the manifest"));
+    }
+    problems
+}
+
+fn hash_tree(dir: &Path) -> io::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, prefix)) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if e.file_type()?.is_dir() {
+                stack.push((e.path(), rel));
+            } else {
+                out.insert(rel, hash_file(&e.path())?.hex());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_tree(&e.path())?;
+        } else {
+            File::open(e.path())?.sync_all()?;
+        }
+    }
+    File::open(dir)?.sync_all()
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,249 @@
+//! The `pretext` command line: clap definitions, one function per command, exit codes.
+//!
+//! Exit codes: 0 success, 1 a stage failed (or another runtime error), 2 a bad pipeline file or
+//! bad flags.
+
+mod dag;
+mod gc;
+mod run;
+mod show;
+mod status;
+mod view;
+
+use crate::cache::Store;
+use crate::exec::keys::{stage_keys, Keyed};
+use crate::pipeline::{load_plan, LoadOptions, Plan};
+use crate::tasks::Catalog;
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const ABOUT: &str = "Content-addressed pipelines for self-supervised learning on radiographs.
+
+A pipeline is a YAML file of stages (MAE pretraining, proxy tasks, fine-tuning, evaluation,
+Grad-CAM, reports, or any shell command). pretext keys every stage by a blake3 hash of its kind,
+version, params and inputs, reuses cached results, and reruns only what changed.";
+
+const EXAMPLES: &str = "Examples:
+  pretext run pipelines/chest_mae_proxy_shoulder.yaml        run what is stale, reuse the rest
+  pretext status pipelines/chest_mae_proxy_shoulder.yaml     what would run, and why
+  pretext run pipelines/matrix.yaml --jobs 2 --keep-going    the whole experiment matrix
+  pretext run PIPELINE --stage finetune --force finetune     rerun one stage (and what it needs)
+  pretext run PIPELINE --set epochs=3 --profile full         override vars, pick a profile
+  pretext dag PIPELINE --format mermaid                      the stage graph
+  pretext show finetune --pipeline PIPELINE                  params, lineage, metrics, files
+  pretext kinds                                              stage kinds, their inputs and outputs
+
+Exit codes: 0 ok, 1 a stage failed, 2 bad pipeline file or flags.
+Environment: PRETEXT_CACHE sets the cache folder (default: cache/ in the project root).";
+
+#[derive(Parser)]
+#[command(name = "pretext", version, about = ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the stale stages of a pipeline, in dependency order, reusing cached ones.
+    Run(run::RunArgs),
+    /// Show each stage as cached, stale (and why) or blocked, without running anything.
+    Status(status::StatusArgs),
+    /// Print the stage graph as text, Mermaid or Graphviz dot.
+    Dag(dag::DagArgs),
+    /// Show one stage or cache entry: params, upstream lineage, metrics, files.
+    Show(show::ShowArgs),
+    /// Remove cache entries that no pipeline under pipelines/ reaches.
+    Gc(gc::GcArgs),
+    /// Re-hash every cache entry and report the ones whose files changed.
+    Verify(gc::VerifyArgs),
+    /// List the stage kinds with their inputs and outputs.
+    Kinds,
+}
+
+/// Flags shared by every command that reads a pipeline.
+#[derive(Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file (YAML), e.g. pipelines/chest_mae_proxy_shoulder.yaml.
+    pub file: PathBuf,
+    /// Cache folder [env: PRETEXT_CACHE; default: cache/ beside pipelines/].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Apply the var overrides of a profile declared under `profiles:` (e.g. `full`).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Override a var or pin a matrix axis: --set epochs=3 --set seed=1 (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, serde_json::Value)>,
+    /// Only these stages (instance or template names) and what they need (repeatable).
+    #[arg(long = "stage", value_name = "NAME")]
+    pub stages: Vec<String>,
+}
+
+/// A usage mistake found after parsing (unknown stage name, say): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn parse_set(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got `{s}`"))?;
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_owned()));
+    Ok((k.trim().to_owned(), value))
+}
+
+/// A loaded pipeline with its cache and selection.
+pub struct Loaded {
+    pub plan: Plan,
+    pub store: Store,
+    pub selected: Vec<bool>,
+}
+
+impl PipelineArgs {
+    pub fn load(&self, catalog: &Catalog) -> Result<Loaded> {
+        let opts = LoadOptions {
+            profile: self.profile.clone(),
+            set: self.set.clone(),
+        };
+        let plan = load_plan(&self.file, catalog, &opts)?;
+        let selected = plan.select(&self.stages).map_err(UsageError)?;
+        let store = open_store(self.cache.as_deref(), &plan.root)?;
+        Ok(Loaded {
+            plan,
+            store,
+            selected,
+        })
+    }
+}
+
+pub fn open_store(flag: Option<&Path>, project_root: &Path) -> Result<Store> {
+    let dir = flag
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("PRETEXT_CACHE").map(PathBuf::from))
+        .unwrap_or_else(|| crate::exec::default_cache_dir(project_root));
+    Store::open(&dir).with_context(|| format!("opening the cache at {}", dir.display()))
+}
+
+/// Keys of the selected stages; a blocked stage (missing data) is a usage error naming it.
+pub fn require_keys(loaded: &Loaded) -> Result<Vec<Keyed>> {
+    let keys = stage_keys(&loaded.plan, &loaded.store, &loaded.selected);
+    let mut out = Vec::with_capacity(keys.len());
+    let mut problems = Vec::new();
+    for (i, k) in keys.into_iter().enumerate() {
+        match k {
+            Ok(k) => out.push(k),
+            Err(reason) => {
+                if loaded.selected[i] && !reason.starts_with("upstream") {
+                    let s = &loaded.plan.stages[i];
+                    problems.push(format!(
+                        "stage `{}` ({}:{}): {reason}",
+                        s.name,
+                        s.file.display(),
+                        s.line.unwrap_or(0)
+                    ));
+                }
+                // Placeholder for unselected or blocked stages; never run.
+                out.push(Keyed {
+                    key: crate::cache::StageKey::of(b""),
+                    input: placeholder_input(),
+                });
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(UsageError(format!("cannot run: a data input is missing\n  {}\n  = help: fix the `path:` under `data:` or the `file:` reference", problems.join("\n  "))).into())
+    }
+}
+
+fn placeholder_input() -> crate::cache::KeyInput {
+    crate::cache::KeyInput {
+        key_schema: 0,
+        kind: String::new(),
+        version: 0,
+        params: serde_json::Value::Null,
+        inputs: Default::default(),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let catalog = Catalog::builtin();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a, &catalog),
+        Command::Status(a) => status::status(a, &catalog),
+        Command::Dag(a) => dag::dag(a, &catalog),
+        Command::Show(a) => show::show(a, &catalog),
+        Command::Gc(a) => gc::gc(a, &catalog),
+        Command::Verify(a) => gc::verify(a),
+        Command::Kinds => {
+            print!("{}", kinds_text(&catalog));
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(spec) = e.downcast_ref::<crate::pipeline::SpecError>() {
+                eprintln!("{spec}");
+                return ExitCode::from(2);
+            }
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(if e.downcast_ref::<UsageError>().is_some() {
+                2
+            } else {
+                1
+            })
+        }
+    }
+}
+
+fn kinds_text(catalog: &Catalog) -> String {
+    let mut out = String::new();
+    for kind in catalog.kinds() {
+        let entry = catalog.get(kind).expect("listed");
+        out.push_str(&format!(
+            "{kind} (version {}): {}\n",
+            entry.version, entry.summary
+        ));
+        if let Ok(defaults) = (entry.normalize)(serde_json::json!({})) {
+            out.push_str(&format!("  params (defaults): {defaults}\n"));
+            match (entry.inputs)(&defaults) {
+                Some(slots) => {
+                    for s in slots {
+                        out.push_str(&format!(
+                            "  input  {}{}{}: {}\n",
+                            s.name,
+                            if s.many { " (list)" } else { "" },
+                            if s.required { "" } else { " (optional)" },
+                            s.doc
+                        ));
+                    }
+                }
+                None => out.push_str("  inputs: any names\n"),
+            }
+            for o in (entry.outputs)(&defaults) {
+                out.push_str(&format!("  output {} ({}): {}\n", o.name, o.path, o.doc));
+            }
+        } else {
+            out.push_str("  params: see `pretext kinds` docs (some params are required)\n");
+        }
+    }
+    out
+}

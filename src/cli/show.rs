@@ -1,0 +1,195 @@
+use super::{open_store, UsageError};
+use crate::cache::journal::Journal;
+use crate::cache::{Entry, KeyedInput, Manifest, Store};
+use crate::exec::keys::stage_keys;
+use crate::pipeline::{load_plan, LoadOptions};
+use crate::tasks::Catalog;
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// A stage name (instance or template) or a cache key (at least 6 hex digits).
+    target: String,
+    /// Resolve the stage name in this pipeline (else: in the journals of past runs).
+    #[arg(long, value_name = "FILE")]
+    pipeline: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `pretext show --json`. Stable JSON:
+///
+/// ```json
+/// {"key":"<hex>","kind":"mae","stage":"chest_mae","cached":true,"dir":"cache/mae/<hex>",
+///  "params":{..},"inputs":{"images":[{"type":"data","fingerprint":"<hex>"}]},
+///  "upstream":[{"slot":"init","key":"<hex>","stage":"chest_mae","kind":"mae"}],
+///  "manifest":{..}}
+/// ```
+/// `manifest` (see `cache::store::Manifest`) is present when the entry exists.
+#[derive(Serialize)]
+struct Shown {
+    key: String,
+    kind: String,
+    stage: String,
+    cached: bool,
+    dir: PathBuf,
+    params: Value,
+    inputs: Value,
+    upstream: Vec<Upstream>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest: Option<Manifest>,
+}
+
+#[derive(Serialize)]
+struct Upstream {
+    slot: String,
+    key: String,
+    stage: Option<String>,
+    kind: Option<String>,
+}
+
+pub fn show(args: ShowArgs, catalog: &Catalog) -> Result<ExitCode> {
+    let (store, stage, key_input) = if let Some(file) = &args.pipeline {
+        let plan = load_plan(file, catalog, &LoadOptions::default())?;
+        let store = open_store(args.cache.as_deref(), &plan.root)?;
+        let selected = plan
+            .select(std::slice::from_ref(&args.target))
+            .map_err(UsageError)?;
+        let index = plan
+            .stages
+            .iter()
+            .position(|s| s.name == args.target)
+            .or_else(|| plan.stages.iter().position(|s| s.template == args.target))
+            .expect("select found it");
+        let keys = stage_keys(&plan, &store, &selected);
+        let keyed = keys[index]
+            .clone()
+            .map_err(|r| UsageError(format!("stage `{}` is blocked: {r}", args.target)))?;
+        (store, plan.stages[index].name.clone(), keyed.input)
+    } else {
+        let store = open_store(args.cache.as_deref(), &std::env::current_dir()?)?;
+        let hits = store.find(&args.target)?;
+        match hits.as_slice() {
+            [one] => {
+                let m = one.manifest()?;
+                (store, m.stage.clone(), m.key_input)
+            }
+            [] => {
+                let line = Journal::all(&store.journal_dir())
+                    .into_iter()
+                    .filter_map(|j| j.latest().remove(&args.target))
+                    .next();
+                let Some(line) = line else {
+                    return Err(UsageError(format!(
+                        "`{}` is neither a cache key nor a stage recorded in {}; pass --pipeline FILE to resolve a stage name",
+                        args.target,
+                        store.root().display()
+                    ))
+                    .into());
+                };
+                (store, line.stage, line.key_input)
+            }
+            many => {
+                return Err(UsageError(format!(
+                    "key prefix `{}` matches {} entries; give more digits",
+                    args.target,
+                    many.len()
+                ))
+                .into())
+            }
+        }
+    };
+    let key = key_input.key();
+    let entry = store.lookup(&key_input.kind, &key);
+    let shown = Shown {
+        key: key.hex(),
+        kind: key_input.kind.clone(),
+        stage,
+        cached: entry.is_some(),
+        dir: store.entry_dir(&key_input.kind, &key),
+        params: key_input.params.clone(),
+        inputs: serde_json::to_value(&key_input.inputs)?,
+        upstream: upstream(&store, &key_input.inputs),
+        manifest: entry.as_ref().map(Entry::manifest).transpose()?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    } else {
+        print_human(&shown);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn upstream(
+    store: &Store,
+    inputs: &std::collections::BTreeMap<String, Vec<KeyedInput>>,
+) -> Vec<Upstream> {
+    let entries = store.entries().unwrap_or_default();
+    let mut out = Vec::new();
+    for (slot, items) in inputs {
+        for item in items {
+            if let KeyedInput::Stage { key, .. } = item {
+                let found = entries
+                    .iter()
+                    .find(|e| e.key == *key)
+                    .and_then(|e| e.manifest().ok());
+                out.push(Upstream {
+                    slot: slot.clone(),
+                    key: key.hex(),
+                    stage: found.as_ref().map(|m| m.stage.clone()),
+                    kind: found.map(|m| m.kind),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn print_human(s: &Shown) {
+    println!("stage    {}", s.stage);
+    println!("kind     {}", s.kind);
+    println!("key      {}", s.key);
+    println!("cached   {}", if s.cached { "yes" } else { "no (stale)" });
+    println!("dir      {}", s.dir.display());
+    println!("params   {}", s.params);
+    for u in &s.upstream {
+        println!(
+            "input    {} <- {} ({})",
+            u.slot,
+            u.stage.as_deref().unwrap_or("not computed"),
+            &u.key[..12]
+        );
+    }
+    if let Value::Object(inputs) = &s.inputs {
+        for (slot, items) in inputs {
+            for item in items.as_array().into_iter().flatten() {
+                if let Some(fp) = item.get("fingerprint").and_then(Value::as_str) {
+                    println!("input    {slot} <- data ({})", &fp[..12]);
+                }
+            }
+        }
+    }
+    if let Some(m) = &s.manifest {
+        println!(
+            "ran      {:.1}s on {} ({}), pretext {}",
+            m.wall_s, m.host, m.device, m.pretext_version
+        );
+        if let Some(p) = m.peak_rss_kib {
+            println!("memory   {:.1} MiB peak", p as f64 / 1024.0);
+        }
+        if m.metrics.as_object().is_some_and(|o| !o.is_empty()) {
+            println!("metrics  {}", m.metrics);
+        }
+        for path in m.outputs.keys() {
+            println!("file     {path}");
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Running a plan: stage keys, the cache layer, the scheduler, and the per-pipeline journal.
+
+pub mod cached;
+pub mod events;
+pub mod keys;
+pub mod scheduler;
+
+use crate::cache::journal::{Journal, JournalLine};
+use crate::cache::Store;
+use crate::pipeline::{InputRef, Plan, PlannedInput};
+use crate::tasks::{InputItem, InputValue, Inputs};
+use cached::{Job, Local, Outcome};
+use events::{Event, EventSink};
+use keys::Keyed;
+use scheduler::{Node, Status, WalkOptions};
+use serde::Serialize;
+use std::path::PathBuf;
+
+pub struct RunOptions {
+    pub walk: WalkOptions,
+    /// Per stage: rerun even if cached.
+    pub force: Vec<bool>,
+}
+
+/// The paths a stage's task reads: upstream entries (and outputs inside them) and data folders.
+pub fn resolve_inputs(plan: &Plan, keys: &[Keyed], store: &Store, index: usize) -> Inputs {
+    let stage = &plan.stages[index];
+    let item = |r: &InputRef| match r {
+        InputRef::Stage { stage: up, output } => {
+            let dir = store.entry_dir(&plan.stages[*up].kind, &keys[*up].key);
+            InputItem {
+                path: output.as_ref().map_or(dir.clone(), |o| dir.join(&o.path)),
+                options: Default::default(),
+            }
+        }
+        InputRef::Data { path, options } => InputItem {
+            path: path.clone(),
+            options: options.clone(),
+        },
+    };
+    Inputs(
+        stage
+            .inputs
+            .iter()
+            .map(|(slot, input)| {
+                let value = match input {
+                    PlannedInput::One(r) => InputValue::One(item(r)),
+                    PlannedInput::Many(rs) => InputValue::Many(rs.iter().map(item).collect()),
+                };
+                (slot.clone(), value)
+            })
+            .collect(),
+    )
+}
+
+/// Runs the selected stages of a plan whose keys are all known.
+pub fn run_plan(
+    plan: &Plan,
+    keys: &[Keyed],
+    selected: &[bool],
+    store: &Store,
+    local: &Local,
+    opts: &RunOptions,
+    sink: &dyn EventSink,
+) -> Vec<Status> {
+    let journal = Journal::for_pipeline(&store.journal_dir(), &plan.file);
+    let recorded = journal.latest();
+    let cached = (0..plan.stages.len())
+        .filter(|&i| {
+            selected[i]
+                && !opts.force[i]
+                && store.lookup(&plan.stages[i].kind, &keys[i].key).is_some()
+        })
+        .count();
+    let total = selected.iter().filter(|&&s| s).count();
+    sink.emit(Event::Plan {
+        stages: total,
+        cached,
+        to_run: total - cached,
+    });
+
+    let runner = |i: usize| {
+        let stage = &plan.stages[i];
+        let job = Job {
+            stage,
+            keyed: &keys[i],
+            inputs: resolve_inputs(plan, keys, store, i),
+            force: opts.force[i],
+        };
+        let outcome = cached::execute(store, local, &job, sink);
+        match &outcome {
+            Outcome::Cached { saved_s } => sink.emit(Event::StageCached {
+                stage: stage.name.clone(),
+                key: keys[i].key.hex(),
+                saved_s: *saved_s,
+            }),
+            Outcome::Failed { error } => sink.emit(Event::StageFailed {
+                stage: stage.name.clone(),
+                key: keys[i].key.hex(),
+                error: error.clone(),
+            }),
+            Outcome::Ran { .. } => {}
+        }
+        if !matches!(outcome, Outcome::Failed { .. })
+            && recorded
+                .get(&stage.name)
+                .is_none_or(|l| l.key != keys[i].key)
+        {
+            // Best effort: the journal only explains staleness; losing a line loses no work.
+            let _ = journal.append(&JournalLine {
+                stage: stage.name.clone(),
+                key: keys[i].key,
+                key_input: keys[i].input.clone(),
+            });
+        }
+        outcome
+    };
+    let nodes: Vec<Node> = plan
+        .stages
+        .iter()
+        .map(|s| Node {
+            name: &s.name,
+            deps: &s.deps,
+            gpus: s.resources.gpu.unwrap_or(0),
+        })
+        .collect();
+    scheduler::walk(&nodes, selected, &opts.walk, &runner, sink)
+}
+
+/// One stage as `pretext status` reports it. Stable JSON (`pretext status --json`):
+///
+/// ```json
+/// {"stage":"finetune@vit-seed1","kind":"finetune","state":"stale","key":"<hex>",
+///  "reasons":["params.epochs: 30 -> 40"]}
+/// ```
+/// `state` is `cached` (an entry exists), `stale` (would run; `reasons` says why) or `blocked`
+/// (cannot run: a data input is missing, or an upstream stage is blocked).
+#[derive(Debug, Clone, Serialize)]
+pub struct StageStatus {
+    pub stage: String,
+    pub kind: String,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+}
+
+pub fn status(
+    plan: &Plan,
+    keys: &[Result<Keyed, keys::Blocked>],
+    selected: &[bool],
+    store: &Store,
+) -> Vec<StageStatus> {
+    let recorded = Journal::for_pipeline(&store.journal_dir(), &plan.file).latest();
+    let mut out: Vec<StageStatus> = Vec::new();
+    for (i, stage) in plan.stages.iter().enumerate() {
+        if !selected[i] {
+            continue;
+        }
+        let mut st = StageStatus {
+            stage: stage.name.clone(),
+            kind: stage.kind.clone(),
+            state: "stale",
+            key: None,
+            reasons: Vec::new(),
+        };
+        match &keys[i] {
+            Err(reason) => {
+                st.state = "blocked";
+                st.reasons.push(reason.clone());
+            }
+            Ok(k) => {
+                st.key = Some(k.key.hex());
+                if store.lookup(&stage.kind, &k.key).is_some() {
+                    st.state = "cached";
+                } else {
+                    st.reasons = stale_reasons(plan, keys, store, i, recorded.get(&stage.name));
+                }
+            }
+        }
+        out.push(st);
+    }
+    out
+}
+
+fn stale_reasons(
+    plan: &Plan,
+    keys: &[Result<Keyed, keys::Blocked>],
+    store: &Store,
+    i: usize,
+    last: Option<&JournalLine>,
+) -> Vec<String> {
+    let Ok(k) = &keys[i] else { return Vec::new() };
+    let stale_ups: Vec<String> = plan.stages[i]
+        .deps
+        .iter()
+        .filter(|&&d| {
+            keys[d]
+                .as_ref()
+                .is_ok_and(|kd| store.lookup(&plan.stages[d].kind, &kd.key).is_none())
+        })
+        .map(|&d| format!("upstream `{}` is stale", plan.stages[d].name))
+        .collect();
+    let Some(last) = last else {
+        let mut r = vec!["never run under this name".to_owned()];
+        r.extend(stale_ups);
+        return r;
+    };
+    if last.key == k.key {
+        return vec!["its entry was removed from the cache (gc or by hand)".to_owned()];
+    }
+    let old = serde_json::to_value(&last.key_input).unwrap_or_default();
+    let new = serde_json::to_value(&k.input).unwrap_or_default();
+    let mut reasons: Vec<String> = crate::cache::key::diff(&old, &new)
+        .into_iter()
+        .map(|d| {
+            // Name the upstream stage instead of showing two hashes.
+            if let Some(rest) = d.strip_prefix("inputs.") {
+                let slot = rest.split(['[', '.', ':']).next().unwrap_or(rest);
+                if d.contains(".key:") {
+                    return format!("input `{slot}`: upstream stage changed");
+                }
+                if d.contains(".fingerprint:") {
+                    return format!("input `{slot}`: data changed");
+                }
+            }
+            d
+        })
+        .collect();
+    reasons.extend(stale_ups);
+    reasons.dedup();
+    reasons
+}
+
+/// The folder entries of `plan` land in unless `--cache` or `PRETEXT_CACHE` say otherwise.
+pub fn default_cache_dir(plan_root: &std::path::Path) -> PathBuf {
+    plan_root.join("cache")
+}

@@ -1,0 +1,267 @@
+//! Walks the stage DAG: runs a stage once all its upstream stages are done, several at once up to
+//! `jobs` and the GPU tokens, and stops scheduling after a failure unless told to keep going.
+//! It knows nothing of caching or tasks: `runner` does the work and says what happened.
+
+use super::cached::Outcome;
+use super::events::{Event, EventSink};
+use std::sync::mpsc;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct WalkOptions {
+    pub jobs: usize,
+    /// GPU tokens on this machine. With none, GPU requests are ignored and stages run on the CPU.
+    pub gpus: u32,
+    pub keep_going: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    NotSelected,
+    Pending,
+    Done(Outcome),
+    Skipped(String),
+}
+
+/// One node: its dependencies (indices) and its GPU need.
+pub struct Node<'a> {
+    pub name: &'a str,
+    pub deps: &'a [usize],
+    pub gpus: u32,
+}
+
+pub fn walk(
+    nodes: &[Node],
+    selected: &[bool],
+    opts: &WalkOptions,
+    runner: &(dyn Fn(usize) -> Outcome + Sync),
+    sink: &dyn EventSink,
+) -> Vec<Status> {
+    let started = Instant::now();
+    let mut status: Vec<Status> = selected
+        .iter()
+        .map(|&s| {
+            if s {
+                Status::Pending
+            } else {
+                Status::NotSelected
+            }
+        })
+        .collect();
+    let mut running = 0usize;
+    let mut gpus_free = opts.gpus;
+    let mut stop = false;
+    let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
+    let mut started_flags = vec![false; nodes.len()];
+    let gpu_need = |i: usize| if opts.gpus == 0 { 0 } else { nodes[i].gpus };
+
+    std::thread::scope(|scope| {
+        loop {
+            // Skip what can no longer run.
+            for i in 0..nodes.len() {
+                if status[i] != Status::Pending || started_flags[i] {
+                    continue;
+                }
+                let bad = nodes[i].deps.iter().find(|&&d| {
+                    matches!(
+                        status[d],
+                        Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)
+                    )
+                });
+                if let Some(&d) = bad {
+                    let reason = match &status[d] {
+                        Status::Skipped(_) => format!("upstream `{}` was skipped", nodes[d].name),
+                        _ => format!("upstream `{}` failed", nodes[d].name),
+                    };
+                    sink.emit(Event::StageSkipped {
+                        stage: nodes[i].name.to_owned(),
+                        reason: reason.clone(),
+                    });
+                    status[i] = Status::Skipped(reason);
+                } else if stop {
+                    let reason =
+                        "the run stopped after a failure (use --keep-going to continue)".to_owned();
+                    sink.emit(Event::StageSkipped {
+                        stage: nodes[i].name.to_owned(),
+                        reason: reason.clone(),
+                    });
+                    status[i] = Status::Skipped(reason);
+                } else if gpu_need(i) > opts.gpus {
+                    let reason = format!(
+                        "needs {} GPUs, this machine has {}",
+                        nodes[i].gpus, opts.gpus
+                    );
+                    status[i] = Status::Done(Outcome::Failed {
+                        error: reason.clone(),
+                    });
+                    sink.emit(Event::StageFailed {
+                        stage: nodes[i].name.to_owned(),
+                        key: String::new(),
+                        error: reason,
+                    });
+                    stop = !opts.keep_going;
+                }
+            }
+            // Start what is ready, in plan order.
+            for i in 0..nodes.len() {
+                if running >= opts.jobs.max(1) {
+                    break;
+                }
+                let ready = status[i] == Status::Pending
+                    && !started_flags[i]
+                    && nodes[i].deps.iter().all(|&d| {
+                        matches!(
+                            status[d],
+                            Status::Done(Outcome::Cached { .. } | Outcome::Ran { .. })
+                        )
+                    })
+                    && gpu_need(i) <= gpus_free;
+                if ready {
+                    started_flags[i] = true;
+                    running += 1;
+                    gpus_free -= gpu_need(i);
+                    let tx = tx.clone();
+                    scope.spawn(move || {
+                        let outcome = runner(i);
+                        let _ = tx.send((i, outcome));
+                    });
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let (i, outcome) = rx.recv().expect("a running stage reports");
+            running -= 1;
+            gpus_free += gpu_need(i);
+            match &outcome {
+                Outcome::Failed { .. } => stop = stop || !opts.keep_going,
+                Outcome::Cached { .. } | Outcome::Ran { .. } => {}
+            }
+            status[i] = Status::Done(outcome);
+        }
+    });
+
+    let count = |f: fn(&Status) -> bool| status.iter().filter(|s| f(s)).count();
+    sink.emit(Event::RunEnd {
+        ran: count(|s| matches!(s, Status::Done(Outcome::Ran { .. }))),
+        cached: count(|s| matches!(s, Status::Done(Outcome::Cached { .. }))),
+        failed: count(|s| matches!(s, Status::Done(Outcome::Failed { .. }))),
+        skipped: count(|s| matches!(s, Status::Skipped(_))),
+        wall_s: started.elapsed().as_secs_f64(),
+    });
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::events::Recorder;
+    use std::sync::Mutex;
+
+    fn chain() -> Vec<Node<'static>> {
+        // a -> b -> c, and d independent
+        vec![
+            Node {
+                name: "a",
+                deps: &[],
+                gpus: 0,
+            },
+            Node {
+                name: "b",
+                deps: &[0],
+                gpus: 0,
+            },
+            Node {
+                name: "c",
+                deps: &[1],
+                gpus: 0,
+            },
+            Node {
+                name: "d",
+                deps: &[],
+                gpus: 0,
+            },
+        ]
+    }
+
+    #[test]
+    fn runs_in_dependency_order() {
+        let order = Mutex::new(Vec::new());
+        let runner = |i: usize| {
+            order.lock().unwrap().push(i);
+            Outcome::Ran { wall_s: 0.0 }
+        };
+        let opts = WalkOptions {
+            jobs: 1,
+            gpus: 0,
+            keep_going: false,
+        };
+        let status = walk(&chain(), &[true; 4], &opts, &runner, &Recorder::default());
+        assert!(status
+            .iter()
+            .all(|s| matches!(s, Status::Done(Outcome::Ran { .. }))));
+        let order = order.into_inner().unwrap();
+        let pos = |x| order.iter().position(|&i| i == x).unwrap();
+        assert!(pos(0) < pos(1) && pos(1) < pos(2));
+    }
+
+    #[test]
+    fn failure_skips_downstream_and_keep_going_runs_the_rest() {
+        let runner = |i: usize| {
+            if i == 0 {
+                Outcome::Failed {
+                    error: "boom".into(),
+                }
+            } else {
+                Outcome::Ran { wall_s: 0.0 }
+            }
+        };
+        let opts = WalkOptions {
+            jobs: 1,
+            gpus: 0,
+            keep_going: true,
+        };
+        let status = walk(&chain(), &[true; 4], &opts, &runner, &Recorder::default());
+        assert!(matches!(status[1], Status::Skipped(_)));
+        assert!(matches!(status[2], Status::Skipped(_)));
+        assert_eq!(status[3], Status::Done(Outcome::Ran { wall_s: 0.0 }));
+    }
+
+    #[test]
+    fn gpu_tokens_serialise_gpu_stages() {
+        let nodes = vec![
+            Node {
+                name: "g1",
+                deps: &[],
+                gpus: 1,
+            },
+            Node {
+                name: "g2",
+                deps: &[],
+                gpus: 1,
+            },
+        ];
+        let busy = Mutex::new((0, 0));
+        let runner = |_| {
+            {
+                let mut b = busy.lock().unwrap();
+                b.0 += 1;
+                b.1 = b.1.max(b.0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            busy.lock().unwrap().0 -= 1;
+            Outcome::Ran { wall_s: 0.0 }
+        };
+        let opts = WalkOptions {
+            jobs: 4,
+            gpus: 1,
+            keep_going: false,
+        };
+        walk(&nodes, &[true, true], &opts, &runner, &Recorder::default());
+        assert_eq!(
+            busy.into_inner().unwrap().1,
+            1,
+            "two GPU stages shared one GPU"
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! `kind: command`: runs any program, so pretext can drive a PyTorch script or a converter and be
+//! measured against other orchestrators on the same pipelines.
+//!
+//! The command runs under `sh -c` in the project root with these environment variables:
+//!
+//! | variable | value |
+//! |---|---|
+//! | `PRETEXT_OUT` | the folder to write outputs into (published atomically on exit code 0) |
+//! | `PRETEXT_CHECKPOINT` | a folder that survives a failed or killed attempt, for resuming |
+//! | `PRETEXT_IN_<SLOT>` | the path of input `<slot>` (upper-cased); a list is joined with `:` |
+//! | `PRETEXT_PARAMS` | every param of the stage as one JSON object |
+//! | `PRETEXT_PARAM_<NAME>` | each scalar param, upper-cased name |
+//! | `PRETEXT_STAGE` | the stage's name |
+//! | `PRETEXT_DEVICE` | `cpu` or `cuda:N` |
+//!
+//! A line `::progress DONE/TOTAL message` on stdout moves the stage's progress bar. A
+//! `$PRETEXT_OUT/metrics.json` is copied into the cache entry's manifest. The key covers the
+//! command text, the params and the content of every declared input, not files the command reads
+//! without declaring them: declare scripts as inputs (`script: file:tools/train.py`).
+
+use super::{InputSlot, InputValue, Inputs, OutputSlot, StageCtx, Task};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::process::{Command as Process, Stdio};
+use std::time::Duration;
+
+pub struct Command;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Params {
+    /// The shell command (the stage's `run:` field).
+    pub run: String,
+    /// Any other params: part of the key, and exported as `PRETEXT_PARAM_<NAME>`.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Task for Command {
+    const KIND: &'static str = "command";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "runs a shell command with its inputs and output folder in PRETEXT_* variables";
+    type Params = Params;
+
+    fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
+        None
+    }
+
+    fn outputs(_: &Params) -> Vec<OutputSlot> {
+        vec![OutputSlot {
+            name: "out",
+            path: "out",
+            doc: "the folder the command wrote ($PRETEXT_OUT)",
+        }]
+    }
+
+    fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
+        let out = ctx.out_dir.join("out");
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let mut cmd = Process::new("sh");
+        cmd.arg("-c").arg(&p.run).current_dir(&ctx.workdir);
+        cmd.env("PRETEXT_OUT", &out)
+            .env("PRETEXT_CHECKPOINT", &ctx.checkpoint_dir)
+            .env("PRETEXT_STAGE", ctx.stage)
+            .env("PRETEXT_DEVICE", &ctx.device)
+            .env("PRETEXT_PARAMS", serde_json::to_string(&p.extra)?);
+        for (name, value) in &p.extra {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Number(_) | Value::Bool(_) => value.to_string(),
+                _ => continue,
+            };
+            cmd.env(format!("PRETEXT_PARAM_{}", env_name(name)), text);
+        }
+        for (slot, value) in &inputs.0 {
+            let joined = match value {
+                InputValue::One(item) => item.path.display().to_string(),
+                InputValue::Many(items) => items
+                    .iter()
+                    .map(|i| i.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            };
+            cmd.env(format!("PRETEXT_IN_{}", env_name(slot)), joined);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; it makes the kernel kill the command when pretext
+        // dies (kill -9 included), so no orphan keeps writing into a staging folder.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting `sh`")?;
+        let pid = child.id() as libc::pid_t;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let (reaped_tx, reaped_rx) = std::sync::mpsc::channel::<()>();
+        let (status, rusage) = std::thread::scope(|scope| {
+            let ctx = &*ctx;
+            scope.spawn(move || stream(stdout, ctx, true));
+            scope.spawn(move || stream(stderr, ctx, false));
+            scope.spawn(move || {
+                // Wakes when the child is reaped, or every 50 ms to look at the cancel flag.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    reaped_rx.recv_timeout(Duration::from_millis(50))
+                {
+                    if ctx.cancelled() {
+                        // SAFETY: the child is not reaped yet (no message came), so pid is still ours.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                        return;
+                    }
+                }
+            });
+            let result = wait_with_rusage(pid);
+            let _ = reaped_tx.send(());
+            result
+        })?;
+        // The child was reaped by wait4 above; forget the std handle so it does not wait again.
+        drop(child);
+        ctx.peak_rss_kib = Some(rusage.ru_maxrss as u64);
+        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            let how = if libc::WIFSIGNALED(status) {
+                format!("was killed by signal {}", libc::WTERMSIG(status))
+            } else {
+                format!("exited with code {}", libc::WEXITSTATUS(status))
+            };
+            bail!("command {how}: {}", p.run);
+        }
+        let metrics_file = out.join("metrics.json");
+        if metrics_file.is_file() {
+            let text = std::fs::read_to_string(&metrics_file)?;
+            return serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", metrics_file.display()));
+        }
+        Ok(Value::Object(Map::new()))
+    }
+}
+
+fn env_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn stream(pipe: impl Read, ctx: &StageCtx, parse_progress: bool) {
+    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+        if parse_progress {
+            if let Some(progress) = line
+                .strip_prefix("::progress ")
+                .and_then(parse_progress_line)
+            {
+                (ctx.progress)(progress);
+                continue;
+            }
+        }
+        ctx.log(&line);
+    }
+}
+
+fn parse_progress_line(rest: &str) -> Option<super::Progress> {
+    let (counts, message) = rest.split_once(' ').unwrap_or((rest, ""));
+    let (done, total) = counts.split_once('/')?;
+    Some(super::Progress {
+        done: done.parse().ok()?,
+        total: total.parse().ok()?,
+        message: message.to_owned(),
+    })
+}
+
+fn wait_with_rusage(pid: libc::pid_t) -> Result<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain old data that wait4 fills in.
+    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waits for our own child; the pointers are valid for the call.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
+        if r == pid {
+            return Ok((status, rusage));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err).context("waiting for the command");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_parse() {
+        assert_eq!(
+            parse_progress_line("3/10 loss 0.5"),
+            Some(super::super::Progress {
+                done: 3,
+                total: 10,
+                message: "loss 0.5".into()
+            })
+        );
+        assert_eq!(parse_progress_line("x/10"), None);
+        assert_eq!(env_name("lr-max.x"), "LR_MAX_X");
+    }
+}

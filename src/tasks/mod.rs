@@ -1,0 +1,190 @@
+//! The seam between the orchestrator and the science: one [`Task`] trait and one [`StageCtx`].
+//!
+//! A task is a function `(params, inputs, ctx) -> metrics` that writes its outputs into
+//! `ctx.out_dir`. It never sees the cache, the scheduler or YAML: the orchestrator hands it
+//! plain paths and publishes its output directory atomically once it returns `Ok`.
+//! The orchestrator, in turn, sees tasks only through the type-erased [`TaskEntry`] rows of the
+//! [`Catalog`], so it never names a model.
+
+pub mod command;
+
+use anyhow::{anyhow, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A named input a task accepts.
+#[derive(Debug, Clone)]
+pub struct InputSlot {
+    pub name: &'static str,
+    pub required: bool,
+    /// Accepts a list of references (`results: [eval_a, eval_b]` or `eval@*`).
+    pub many: bool,
+    pub doc: &'static str,
+}
+
+/// A named output, at a path relative to the stage's output directory.
+#[derive(Debug, Clone)]
+pub struct OutputSlot {
+    pub name: &'static str,
+    pub path: &'static str,
+    pub doc: &'static str,
+}
+
+pub trait Task {
+    const KIND: &'static str;
+    /// Bump when the same params would now give different results: it changes every key.
+    const VERSION: u32;
+    const SUMMARY: &'static str;
+    /// Defaults applied by serde; unknown fields rejected (`#[serde(deny_unknown_fields)]`).
+    type Params: DeserializeOwned + Serialize;
+    /// `None` accepts any slot name (the `command` kind).
+    fn inputs(p: &Self::Params) -> Option<Vec<InputSlot>>;
+    fn outputs(p: &Self::Params) -> Vec<OutputSlot>;
+    /// Writes outputs into `ctx.out_dir` and returns the metrics recorded in the manifest.
+    fn run(p: &Self::Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value>;
+}
+
+/// One task kind with its types erased, as the orchestrator sees it.
+#[derive(Clone, Copy)]
+pub struct TaskEntry {
+    pub kind: &'static str,
+    pub version: u32,
+    pub summary: &'static str,
+    /// Parses params, applies defaults, and returns them in canonical form.
+    pub normalize: fn(Value) -> std::result::Result<Value, String>,
+    pub inputs: fn(&Value) -> Option<Vec<InputSlot>>,
+    pub outputs: fn(&Value) -> Vec<OutputSlot>,
+    pub run: fn(&Value, &Inputs, &mut StageCtx) -> Result<Value>,
+}
+
+pub fn entry<T: Task>() -> TaskEntry {
+    fn parse<T: Task>(v: &Value) -> T::Params {
+        // Only called on values that `normalize` produced, which parse by construction.
+        serde_json::from_value(v.clone()).expect("normalized params parse")
+    }
+    TaskEntry {
+        kind: T::KIND,
+        version: T::VERSION,
+        summary: T::SUMMARY,
+        normalize: |v| {
+            let p: T::Params = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            serde_json::to_value(p).map_err(|e| e.to_string())
+        },
+        inputs: |v| T::inputs(&parse::<T>(v)),
+        outputs: |v| T::outputs(&parse::<T>(v)),
+        run: |v, inputs, ctx| {
+            let p: T::Params = serde_json::from_value(v.clone())?;
+            T::run(&p, inputs, ctx)
+        },
+    }
+}
+
+/// Every stage kind pretext knows.
+#[derive(Clone)]
+pub struct Catalog {
+    entries: Vec<TaskEntry>,
+}
+
+impl Catalog {
+    pub fn builtin() -> Self {
+        Catalog {
+            entries: vec![entry::<command::Command>()],
+        }
+    }
+    pub fn get(&self, kind: &str) -> Option<&TaskEntry> {
+        self.entries.iter().find(|e| e.kind == kind)
+    }
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.entries.iter().map(|e| e.kind)
+    }
+}
+
+/// What one input slot resolved to: paths inside upstream cache entries or data folders.
+#[derive(Debug, Clone)]
+pub enum InputValue {
+    One(InputItem),
+    Many(Vec<InputItem>),
+}
+
+#[derive(Debug, Clone)]
+pub struct InputItem {
+    pub path: PathBuf,
+    /// Options written beside a data entry (`labels: labels.csv`, `source: mura`); empty otherwise.
+    pub options: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Inputs(pub BTreeMap<String, InputValue>);
+
+impl Inputs {
+    pub fn item(&self, slot: &str) -> Result<&InputItem> {
+        match self.0.get(slot) {
+            Some(InputValue::One(item)) => Ok(item),
+            Some(InputValue::Many(_)) => {
+                Err(anyhow!("input `{slot}` takes one reference, not a list"))
+            }
+            None => Err(anyhow!("input `{slot}` is missing")),
+        }
+    }
+    pub fn path(&self, slot: &str) -> Result<&Path> {
+        self.item(slot).map(|i| i.path.as_path())
+    }
+    pub fn optional_path(&self, slot: &str) -> Option<&Path> {
+        self.item(slot).ok().map(|i| i.path.as_path())
+    }
+    pub fn items(&self, slot: &str) -> Vec<&InputItem> {
+        match self.0.get(slot) {
+            Some(InputValue::One(item)) => vec![item],
+            Some(InputValue::Many(items)) => items.iter().collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// A stage's view of its progress: `done` of `total` units and a short message (loss, epoch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+    pub message: String,
+}
+
+/// What a running task may touch.
+pub struct StageCtx<'a> {
+    pub stage: &'a str,
+    /// Published atomically into the cache when `run` returns `Ok`.
+    pub out_dir: PathBuf,
+    /// Survives a failed or killed attempt, so the next one resumes; deleted on success.
+    pub checkpoint_dir: PathBuf,
+    /// The directory relative paths in params are read from (the project root).
+    pub workdir: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub threads: usize,
+    pub cancel: Arc<AtomicBool>,
+    pub progress: &'a (dyn Fn(Progress) + Sync),
+    pub log: &'a (dyn Fn(&str) + Sync),
+    /// Set by tasks that run a child process, whose peak memory the executor cannot see.
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl StageCtx<'_> {
+    pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
+        (self.progress)(Progress {
+            done,
+            total,
+            message: message.into(),
+        });
+    }
+    pub fn log(&self, line: &str) {
+        (self.log)(line)
+    }
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}

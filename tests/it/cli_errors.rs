@@ -1,0 +1,146 @@
+//! Bad pipeline files: exit code 2, file:line:column, what was expected, the closest valid name.
+
+use crate::util::Project;
+
+fn error_of(yaml: &str) -> String {
+    let p = Project::new();
+    p.write("data/d/x", "x");
+    p.write("pipelines/bad.yaml", yaml);
+    let r = p.run(&["run", "pipelines/bad.yaml"]);
+    assert_eq!(
+        r.code, 2,
+        "expected exit 2 for:\n{yaml}\nstderr:\n{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    r.stderr
+}
+
+#[test]
+fn unknown_field_names_position_and_suggests() {
+    let e = error_of("stages:\n  a:\n    kind: command\n    run: 'true'\n    inptus: {}\n");
+    assert!(e.contains("bad.yaml:5:"), "{e}");
+    assert!(e.contains("unknown field `inptus`"), "{e}");
+    assert!(e.contains("did you mean `inputs`?"), "{e}");
+}
+
+#[test]
+fn unknown_kind_suggests_closest() {
+    let e = error_of("stages:\n  a:\n    kind: comand\n    run: 'true'\n");
+    assert!(
+        e.contains("bad.yaml:3:5")
+            && e.contains("unknown stage kind `comand`")
+            && e.contains("did you mean `command`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_is_located() {
+    let e = error_of(
+        "stages:\n  a:\n    kind: command\n    run: 'true'\n    resources: { gpu: many }\n",
+    );
+    assert!(e.contains("bad.yaml:5:"), "{e}");
+    assert!(
+        e.contains("invalid type") || e.contains("invalid value"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_upstream_stage_suggests() {
+    let e = error_of("stages:\n  prep:\n    kind: command\n    run: 'true'\n  train:\n    kind: command\n    run: 'true'\n    inputs: { x: prp.out }\n");
+    assert!(
+        e.contains("bad.yaml:8:15")
+            && e.contains("no stage `prp`")
+            && e.contains("did you mean `prep`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_output_lists_outputs() {
+    let e = error_of("stages:\n  prep:\n    kind: command\n    run: 'true'\n  train:\n    kind: command\n    run: 'true'\n    inputs: { x: prep.model }\n");
+    assert!(
+        e.contains("has no output `model`") && e.contains("out"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_data_entry_suggests() {
+    let e = error_of("data:\n  chest: { path: data/d }\nstages:\n  a:\n    kind: command\n    run: 'true'\n    inputs: { x: data.chets }\n");
+    assert!(
+        e.contains("no data entry `chets`") && e.contains("did you mean `chest`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_data_folder_names_the_stage() {
+    let e = error_of("data:\n  chest: { path: data/nowhere }\nstages:\n  a:\n    kind: command\n    run: 'true'\n    inputs: { x: data.chest }\n");
+    assert!(e.contains("stage `a`") && e.contains("nowhere"), "{e}");
+}
+
+#[test]
+fn duplicate_stage_names_are_rejected() {
+    let e = error_of("stages:\n  a:\n    kind: command\n    run: 'true'\n  a:\n    kind: command\n    run: 'false'\n");
+    assert!(e.contains("duplicate") && e.contains("bad.yaml:"), "{e}");
+}
+
+#[test]
+fn a_cycle_prints_its_path() {
+    let e = error_of("stages:\n  a:\n    kind: command\n    run: 'true'\n    inputs: { x: c.out }\n  b:\n    kind: command\n    run: 'true'\n    inputs: { x: a.out }\n  c:\n    kind: command\n    run: 'true'\n    inputs: { x: b.out }\n");
+    assert!(e.contains("dependency cycle:"), "{e}");
+    let path = e.lines().find(|l| l.contains("dependency cycle")).unwrap();
+    for s in ["a", "b", "c"] {
+        assert!(path.contains(s), "{path}");
+    }
+}
+
+#[test]
+fn unknown_variable_suggests() {
+    let e =
+        error_of("vars: { epochs: 3 }\nstages:\n  a:\n    kind: command\n    run: echo ${epoch}\n");
+    assert!(
+        e.contains("unknown variable `${epoch}`") && e.contains("did you mean `${epochs}`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn conflicting_included_definitions_are_rejected() {
+    let p = Project::new();
+    p.write(
+        "pipelines/a.yaml",
+        "stages:\n  s:\n    kind: command\n    run: 'true'\n",
+    );
+    p.write(
+        "pipelines/b.yaml",
+        "include: [a.yaml]\nstages:\n  s:\n    kind: command\n    run: 'false'\n",
+    );
+    let r = p.run(&["status", "pipelines/b.yaml"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("defined differently"), "{}", r.stderr);
+}
+
+#[test]
+fn bad_flags_exit_2_and_help_teaches() {
+    let p = Project::new();
+    assert_eq!(p.run(&["run"]).code, 2);
+    assert_eq!(p.run(&["frobnicate"]).code, 2);
+    let help = p.run(&["--help"]);
+    assert_eq!(help.code, 0);
+    assert!(
+        help.stdout
+            .contains("pretext run pipelines/chest_mae_proxy_shoulder.yaml")
+            && help.stdout.contains("Exit codes")
+    );
+    let missing = p.run(&["run", "pipelines/nope.yaml"]);
+    assert_eq!(missing.code, 2);
+    assert!(
+        missing.stderr.contains("cannot read pipeline file"),
+        "{}",
+        missing.stderr
+    );
+}

@@ -1,0 +1,6 @@
+//! The integration tests: one binary (faster to link), one module per area.
+
+mod cli_errors;
+mod fuzz;
+mod orchestrator;
+mod util;
