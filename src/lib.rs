@@ -7,5 +7,7 @@
 pub mod cache;
 pub mod cli;
 pub mod exec;
+pub mod nn;
 pub mod pipeline;
 pub mod tasks;
+pub mod train;

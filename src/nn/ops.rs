@@ -1,0 +1,256 @@
+//! Differentiable building blocks that candle 0.11 lacks or gets wrong (see candle.md): its fused
+//! LayerNorm and `softmax_last_dim` have no backward, its max-pool backward is wrong for
+//! kernel == stride and missing for 3x3/2. Everything here is composed of ops that do have one.
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// LayerNorm over the last dimension, with gradients for input, weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// A linear layer with MAE/timm's initialisation (xavier-uniform weight, zero bias).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+    let bound = (6.0 / (in_dim + out_dim) as f64).sqrt();
+    let weight = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    Ok(candle_nn::Linear::new(weight, Some(bias)))
+}
+
+/// Softmax over the last dimension, built from ops with a backward.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Max-pool 3x3, stride 2, padding 1 (the ResNet/DenseNet stem), as torch computes it, gradients
+/// included: out[i] = max(x[2i-1], x[2i], x[2i+1]) along each spatial axis, built from strided
+/// views of the padded input and `maximum`.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    let pooled_h = pool_axis_3_2(x, 2)?;
+    pool_axis_3_2(&pooled_h, 3)
+}
+
+fn pool_axis_3_2(x: &Tensor, axis: usize) -> Result<Tensor> {
+    let n = x.dim(axis)?;
+    let out = (n + 2 - 3) / 2 + 1;
+    // Pad with -inf: one in front, enough behind for 2*out+2 elements (even, for the reshape).
+    let total = 2 * out + 2;
+    let neg = |len: usize| -> Result<Tensor> {
+        let mut shape = x.dims().to_vec();
+        shape[axis] = len;
+        Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())
+    };
+    let padded = Tensor::cat(&[&neg(1)?, x, &neg(total - 1 - n)?], axis)?;
+    let mut pair_shape = padded.dims().to_vec();
+    pair_shape[axis] = total / 2;
+    pair_shape.insert(axis + 1, 2);
+    let pairs = padded.reshape(pair_shape)?;
+    let even = pairs.narrow(axis + 1, 0, 1)?.squeeze(axis + 1)?;
+    let odd = pairs.narrow(axis + 1, 1, 1)?.squeeze(axis + 1)?;
+    let a = even.narrow(axis, 0, out)?;
+    let b = odd.narrow(axis, 0, out)?;
+    let c = even.narrow(axis, 1, out)?;
+    a.maximum(&b)?.maximum(&c)
+}
+
+/// Average-pool 2x2, stride 2, floor mode (DenseNet transitions): odd sizes drop the last row/column.
+pub fn avg_pool_2x2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / 2, w / 2);
+    let x = x.narrow(2, 0, oh * 2)?.narrow(3, 0, ow * 2)?;
+    x.reshape((b, c, oh, 2, ow, 2))?.sum(5)?.sum(3)? * 0.25
+}
+
+/// Global average pool over H and W: [B, C, H, W] -> [B, C].
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean(3)?.mean(2)
+}
+
+/// Stochastic depth: drops the residual branch per sample with probability `rate`, scaling the
+/// kept ones by 1/(1-rate) (timm's `drop_path`). Identity when not training.
+pub fn drop_path(x: &Tensor, rate: f64, train: bool) -> Result<Tensor> {
+    if !train || rate <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - rate;
+    let b = x.dim(0)?;
+    let mut shape = vec![1usize; x.rank()];
+    shape[0] = b;
+    let mask = Tensor::rand(0f32, 1f32, b, x.device())?
+        .ge(rate)?
+        .to_dtype(x.dtype())?
+        .reshape(shape)?;
+    x.broadcast_mul(&(mask / keep)?)
+}
+
+/// Cross-entropy with label smoothing against integer targets, averaged over the batch.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let classes = logits.dim(D::Minus1)?;
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let one_hot = candle_nn::encoding::one_hot(targets.to_dtype(DType::U32)?, classes, 1f32, 0f32)?
+        .to_dtype(logits.dtype())?;
+    let smooth = ((one_hot * (1.0 - smoothing))? + smoothing / classes as f64)?;
+    (smooth * log_p)?.sum(D::Minus1)?.neg()?.mean_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn numeric_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &[f32], shape: &[usize]) -> Vec<f32> {
+        let h = 1e-3f32;
+        (0..x.len())
+            .map(|i| {
+                let mut p = x.to_vec();
+                p[i] += h;
+                let mut m = x.to_vec();
+                m[i] -= h;
+                let fp = f(&Tensor::from_vec(p, shape, &Device::Cpu).unwrap())
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let fm = f(&Tensor::from_vec(m, shape, &Device::Cpu).unwrap())
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                (fp - fm) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    /// Finite differences against autograd for a scalar function of one tensor.
+    pub fn check_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, shape: &[usize], seed: u64) {
+        let n: usize = shape.iter().product();
+        let mut state = seed;
+        let x: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        let var = Var::from_vec(x.clone(), shape, &Device::Cpu).unwrap();
+        let y = f(var.as_tensor()).unwrap();
+        let grads = y.backward().unwrap();
+        let g: Vec<f32> = grads
+            .get(var.as_tensor())
+            .expect("gradient reaches the input")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let num = numeric_grad(f, &x, shape);
+        for (i, (a, e)) in g.iter().zip(&num).enumerate() {
+            assert!(
+                (a - e).abs() <= 2e-2 * (1.0 + e.abs()),
+                "grad[{i}]: autograd {a} vs numeric {e}"
+            );
+        }
+    }
+
+    fn weights(n: usize) -> Tensor {
+        Tensor::arange(0f32, n as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.37, -1.1)
+            .unwrap()
+            .sin()
+            .unwrap()
+    }
+
+    #[test]
+    fn layer_norm_gradient() {
+        let ln = LayerNorm {
+            weight: weights(6).affine(0.5, 1.0).unwrap(),
+            bias: weights(6),
+            eps: 1e-6,
+        };
+        check_grad(
+            &|x| (ln.forward(x)? * weights(18).reshape((3, 6))?)?.sum_all(),
+            &[3, 6],
+            1,
+        );
+    }
+
+    #[test]
+    fn max_pool_matches_definition_and_gradient() {
+        let x = Tensor::arange(0f32, 25., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 5, 5))
+            .unwrap();
+        let y = max_pool_3x3_s2(&x).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 3, 3]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![6., 8., 9., 16., 18., 19., 21., 23., 24.]
+        );
+        check_grad(
+            &|x| (max_pool_3x3_s2(x)? * weights(9).reshape((1, 1, 3, 3))?)?.sum_all(),
+            &[1, 1, 6, 6],
+            2,
+        );
+    }
+
+    #[test]
+    fn avg_pool_floor_and_gradient() {
+        let x = Tensor::ones((1, 2, 5, 5), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(avg_pool_2x2(&x).unwrap().dims(), &[1, 2, 2, 2]);
+        check_grad(
+            &|x| (avg_pool_2x2(x)? * weights(4).reshape((1, 1, 2, 2))?)?.sum_all(),
+            &[1, 1, 5, 4],
+            3,
+        );
+    }
+
+    #[test]
+    fn softmax_and_gelu_gradients() {
+        check_grad(
+            &|x| (softmax_last(x)? * weights(12).reshape((3, 4))?)?.sum_all(),
+            &[3, 4],
+            4,
+        );
+        check_grad(
+            &|x| (x.gelu_erf()? * weights(12).reshape((3, 4))?)?.sum_all(),
+            &[3, 4],
+            5,
+        );
+    }
+
+    #[test]
+    fn cross_entropy_gradient() {
+        let t = Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap();
+        check_grad(&|x| cross_entropy(x, &t, 0.1), &[3, 4], 6);
+    }
+}

@@ -1,0 +1,201 @@
+//! Classification metrics with sklearn's definitions: ROC AUC with ties counted as 1/2 (undefined,
+//! `None`, when a class has one label value), Cohen's kappa, accuracy, macro-F1, confusion matrix,
+//! study-level aggregation (mean image probability per study, as MURA is scored) and percentile
+//! bootstrap confidence intervals.
+
+use std::collections::BTreeMap;
+
+/// Mann-Whitney AUC with average ranks for ties. `None` if all labels are equal.
+pub fn roc_auc(labels: &[bool], scores: &[f64]) -> Option<f64> {
+    let pos = labels.iter().filter(|&&l| l).count();
+    let neg = labels.len() - pos;
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let mut ranks = vec![0f64; scores.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && scores[order[j + 1]] == scores[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = rank;
+        }
+        i = j + 1;
+    }
+    let sum_pos: f64 = labels
+        .iter()
+        .zip(&ranks)
+        .filter(|(l, _)| **l)
+        .map(|(_, r)| r)
+        .sum();
+    Some((sum_pos - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64)
+}
+
+/// One-vs-rest AUC per class; the mean skips undefined classes.
+pub fn roc_auc_per_class(
+    labels: &[Vec<bool>],
+    scores: &[Vec<f64>],
+) -> (Vec<Option<f64>>, Option<f64>) {
+    let classes = scores.first().map_or(0, Vec::len);
+    let per: Vec<Option<f64>> = (0..classes)
+        .map(|c| {
+            let l: Vec<bool> = labels.iter().map(|r| r[c]).collect();
+            let s: Vec<f64> = scores.iter().map(|r| r[c]).collect();
+            roc_auc(&l, &s)
+        })
+        .collect();
+    let defined: Vec<f64> = per.iter().flatten().copied().collect();
+    let mean = (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64);
+    (per, mean)
+}
+
+pub fn confusion(truth: &[usize], pred: &[usize], classes: usize) -> Vec<Vec<u64>> {
+    let mut m = vec![vec![0u64; classes]; classes];
+    for (&t, &p) in truth.iter().zip(pred) {
+        m[t][p] += 1;
+    }
+    m
+}
+
+/// sklearn's `cohen_kappa_score` (unweighted). NaN when undefined (0/0).
+pub fn cohen_kappa(truth: &[usize], pred: &[usize], classes: usize) -> f64 {
+    let m = confusion(truth, pred, classes);
+    let total: f64 = m.iter().flatten().sum::<u64>() as f64;
+    let rows: Vec<f64> = m.iter().map(|r| r.iter().sum::<u64>() as f64).collect();
+    let cols: Vec<f64> = (0..classes)
+        .map(|j| m.iter().map(|r| r[j]).sum::<u64>() as f64)
+        .collect();
+    let (mut observed, mut expected) = (0.0, 0.0);
+    for i in 0..classes {
+        for j in 0..classes {
+            if i != j {
+                observed += m[i][j] as f64;
+                expected += rows[i] * cols[j] / total;
+            }
+        }
+    }
+    1.0 - observed / expected
+}
+
+pub fn accuracy(truth: &[usize], pred: &[usize]) -> f64 {
+    truth.iter().zip(pred).filter(|(t, p)| t == p).count() as f64 / truth.len().max(1) as f64
+}
+
+/// Unweighted mean of per-class F1 over the classes present in truth or prediction (sklearn's
+/// `f1_score(average='macro')` with zero_division=0 for the others).
+pub fn macro_f1(truth: &[usize], pred: &[usize], classes: usize) -> f64 {
+    let m = confusion(truth, pred, classes);
+    let f1: Vec<f64> = (0..classes)
+        .map(|c| {
+            let tp = m[c][c] as f64;
+            let fp: f64 = (0..classes)
+                .filter(|&r| r != c)
+                .map(|r| m[r][c] as f64)
+                .sum();
+            let fn_: f64 = (0..classes)
+                .filter(|&p| p != c)
+                .map(|p| m[c][p] as f64)
+                .sum();
+            if tp == 0.0 {
+                0.0
+            } else {
+                2.0 * tp / (2.0 * tp + fp + fn_)
+            }
+        })
+        .collect();
+    f1.iter().sum::<f64>() / classes.max(1) as f64
+}
+
+/// Mean image probability per study, studies sorted by id: (ids, image counts, probabilities, labels).
+pub fn study_level(
+    study_ids: &[i64],
+    probs: &[f64],
+    labels: &[usize],
+) -> (Vec<i64>, Vec<usize>, Vec<f64>, Vec<usize>) {
+    let mut acc: BTreeMap<i64, (f64, usize, usize)> = BTreeMap::new();
+    for ((&s, &p), &l) in study_ids.iter().zip(probs).zip(labels) {
+        let e = acc.entry(s).or_insert((0.0, 0, l));
+        e.0 += p;
+        e.1 += 1;
+    }
+    let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (s, (sum, n, l)) in acc {
+        out.0.push(s);
+        out.1.push(n);
+        out.2.push(sum / n as f64);
+        out.3.push(l);
+    }
+    out
+}
+
+/// Percentile bootstrap (95% by default) of `stat` over resampled indices, seeded.
+pub fn bootstrap_ci(
+    n: usize,
+    rounds: usize,
+    seed: u64,
+    alpha: f64,
+    stat: impl Fn(&[usize]) -> Option<f64>,
+) -> Option<(f64, f64)> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut values: Vec<f64> = (0..rounds)
+        .filter_map(|_| {
+            let idx: Vec<usize> = (0..n).map(|_| (next() % n as u64) as usize).collect();
+            stat(&idx).filter(|v| v.is_finite())
+        })
+        .collect();
+    if values.len() < rounds / 2 {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| values[((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
+    Some((at(alpha / 2.0), at(1.0 - alpha / 2.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_counts_ties_as_half() {
+        assert_eq!(roc_auc(&[false, true], &[0.5, 0.5]), Some(0.5));
+        assert_eq!(
+            roc_auc(&[false, false, true, true], &[0.1, 0.4, 0.35, 0.8]),
+            Some(0.75)
+        );
+        assert_eq!(roc_auc(&[true, true], &[0.1, 0.2]), None);
+    }
+
+    #[test]
+    fn kappa_and_f1() {
+        assert!((cohen_kappa(&[0, 1, 0, 1], &[0, 1, 0, 1], 2) - 1.0).abs() < 1e-12);
+        assert!(
+            (macro_f1(&[0, 1, 1], &[0, 1, 0], 2) - (2.0 / 3.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12
+        );
+    }
+
+    #[test]
+    fn bootstrap_brackets_the_estimate() {
+        let truth = [0usize, 1, 1, 0, 1, 0, 1, 1, 0, 0];
+        let pred = [0usize, 1, 0, 0, 1, 0, 1, 1, 1, 0];
+        let (lo, hi) = bootstrap_ci(10, 500, 7, 0.05, |i| {
+            Some(accuracy(
+                &i.iter().map(|&k| truth[k]).collect::<Vec<_>>(),
+                &i.iter().map(|&k| pred[k]).collect::<Vec<_>>(),
+            ))
+        })
+        .unwrap();
+        assert!(lo <= 0.8 && 0.8 <= hi && lo < hi);
+    }
+}
