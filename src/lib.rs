@@ -6,8 +6,10 @@
 
 pub mod cache;
 pub mod cli;
+pub mod data;
 pub mod exec;
 pub mod nn;
 pub mod pipeline;
+pub mod rng;
 pub mod tasks;
 pub mod train;

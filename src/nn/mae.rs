@@ -285,7 +285,6 @@ impl Mae {
         &self,
         imgs: &Tensor,
         plan: &MaskPlan,
-        train: bool,
         taps: &mut Taps,
     ) -> Result<Tensor> {
         let d = self.config.embed_dim;
@@ -305,7 +304,7 @@ impl Mae {
         let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((n, 1, d))?;
         let mut x = Tensor::cat(&[&cls, &x], 1)?;
         for (i, b) in self.blocks.iter().enumerate() {
-            x = b.forward(&x, train, &format!("blocks.{i}"), taps)?;
+            x = b.forward(&x, None, &format!("blocks.{i}"), taps)?;
         }
         self.norm.forward(&x)
     }
@@ -314,7 +313,6 @@ impl Mae {
         &self,
         latent: &Tensor,
         plan: &MaskPlan,
-        train: bool,
         taps: &mut Taps,
     ) -> Result<Tensor> {
         let dd = self.config.decoder_embed_dim;
@@ -328,7 +326,7 @@ impl Mae {
         let mut x =
             Tensor::cat(&[&x.narrow(1, 0, 1)?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
         for (i, b) in self.decoder_blocks.iter().enumerate() {
-            x = b.forward(&x, train, &format!("decoder_blocks.{i}"), taps)?;
+            x = b.forward(&x, None, &format!("decoder_blocks.{i}"), taps)?;
         }
         let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
         x.narrow(1, 1, l)
@@ -347,19 +345,14 @@ impl Mae {
         centered.broadcast_div(&(var + 1e-6)?.sqrt()?)
     }
 
-    pub fn forward(
-        &self,
-        imgs: &Tensor,
-        noise: &[f32],
-        mask_ratio: f64,
-        train: bool,
-    ) -> Result<MaeOutput> {
+    /// MAE has no dropout or DropPath: training and evaluation compute the same thing.
+    pub fn forward(&self, imgs: &Tensor, noise: &[f32], mask_ratio: f64) -> Result<MaeOutput> {
         let n = imgs.dim(0)?;
         let l = self.config.num_patches();
         let plan = plan_mask(noise, n, l, self.config.len_keep(mask_ratio));
         let mut taps = Taps::none();
-        let latent = self.forward_encoder(imgs, &plan, train, &mut taps)?;
-        let pred = self.forward_decoder(&latent, &plan, train, &mut taps)?;
+        let latent = self.forward_encoder(imgs, &plan, &mut taps)?;
+        let pred = self.forward_decoder(&latent, &plan, &mut taps)?;
         let target = self.target(imgs)?;
         let mask_flat: Vec<f32> = plan.mask.iter().flatten().copied().collect();
         let mask = Tensor::from_vec(mask_flat, (n, l), imgs.device())?;

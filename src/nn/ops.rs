@@ -2,6 +2,7 @@
 //! LayerNorm and `softmax_last_dim` have no backward, its max-pool backward is wrong for
 //! kernel == stride and missing for 3x3/2. Everything here is composed of ops that do have one.
 
+use crate::rng::Rng;
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -99,19 +100,24 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 
 /// Stochastic depth: drops the residual branch per sample with probability `rate`, scaling the
 /// kept ones by 1/(1-rate) (timm's `drop_path`). Identity when not training.
-pub fn drop_path(x: &Tensor, rate: f64, train: bool) -> Result<Tensor> {
-    if !train || rate <= 0.0 {
+pub fn drop_path(x: &Tensor, rate: f64, rng: Option<&mut Rng>) -> Result<Tensor> {
+    let Some(rng) = rng.filter(|_| rate > 0.0) else {
         return Ok(x.clone());
-    }
+    };
     let keep = 1.0 - rate;
     let b = x.dim(0)?;
     let mut shape = vec![1usize; x.rank()];
     shape[0] = b;
-    let mask = Tensor::rand(0f32, 1f32, b, x.device())?
-        .ge(rate)?
-        .to_dtype(x.dtype())?
-        .reshape(shape)?;
-    x.broadcast_mul(&(mask / keep)?)
+    let mask: Vec<f32> = (0..b)
+        .map(|_| {
+            if rng.f64() >= rate {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    x.broadcast_mul(&Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?)
 }
 
 /// Cross-entropy with label smoothing against integer targets, averaged over the batch.

@@ -3,6 +3,7 @@
 //! candle's `VarMap` is a HashMap; layer-wise lr-decay groups, checkpoints and error listings
 //! need the model's own order, so this backend records it.
 
+use crate::rng::Rng;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 pub struct ParamStore {
     map: VarMap,
     order: Arc<Mutex<Vec<String>>>,
+    seed: u64,
 }
 
 impl Default for ParamStore {
@@ -24,13 +26,35 @@ impl Default for ParamStore {
 
 impl SimpleBackend for ParamStore {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        {
-            let mut order = self.order.lock().expect("param order lock");
-            if !order.iter().any(|n| n == name) {
-                order.push(name.to_owned());
+        let mut order = self.order.lock().expect("param order lock");
+        let mut data = self.map.data().lock().expect("varmap lock");
+        if let Some(var) = data.get(name) {
+            if var.shape() != &s {
+                candle_core::bail!(
+                    "parameter `{name}` requested with shape {s:?}, exists with {:?}",
+                    var.shape()
+                );
             }
+            return Ok(var.as_tensor().clone());
         }
-        self.map.get(s, name, h, dtype, dev)
+        // candle's CPU generator cannot be seeded: draw initial values from our own stream, one
+        // per parameter name, so the same seed gives the same model whatever the creation order.
+        let mut rng = Rng::stream(self.seed, name_hash(name), 0x1A17);
+        let n = s.elem_count();
+        let values: Vec<f32> = match h {
+            Init::Const(v) => vec![v as f32; n],
+            Init::Randn { mean, stdev } => (0..n)
+                .map(|_| (mean + stdev * rng.normal()) as f32)
+                .collect(),
+            Init::Uniform { lo, up } => (0..n).map(|_| rng.range(lo, up) as f32).collect(),
+            Init::Kaiming { .. } => candle_core::bail!(
+                "parameter `{name}`: Kaiming init is not used by pretext's models"
+            ),
+        };
+        let var = Var::from_tensor(&Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?)?;
+        data.insert(name.to_owned(), var.clone());
+        order.push(name.to_owned());
+        Ok(var.as_tensor().clone())
     }
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
         candle_core::bail!("parameter `{name}` must be created with a shape")
@@ -86,9 +110,14 @@ impl LoadReport {
 
 impl ParamStore {
     pub fn new() -> ParamStore {
+        ParamStore::seeded(0)
+    }
+
+    pub fn seeded(seed: u64) -> ParamStore {
         ParamStore {
             map: VarMap::new(),
             order: Arc::default(),
+            seed,
         }
     }
 
@@ -179,4 +208,12 @@ impl ParamStore {
         tmp.persist(path)?;
         Ok(())
     }
+}
+
+fn name_hash(name: &str) -> u64 {
+    u64::from_le_bytes(
+        blake3::hash(name.as_bytes()).as_bytes()[..8]
+            .try_into()
+            .expect("8 bytes"),
+    )
 }

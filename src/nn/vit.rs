@@ -5,6 +5,7 @@
 use super::ops::{drop_path, linear, softmax_last, LayerNorm};
 use super::pos_embed::sincos_2d_tensor;
 use super::tap::Taps;
+use crate::rng::Rng;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -200,18 +201,19 @@ impl Block {
         })
     }
 
-    /// `prefix` names the taps: `blocks.3` gives `blocks.3.norm1`.
+    /// `prefix` names the taps: `blocks.3` gives `blocks.3.norm1`. `rng` is `Some` in training
+    /// (DropPath draws from it).
     pub fn forward(
         &self,
         x: &Tensor,
-        train: bool,
+        mut rng: Option<&mut Rng>,
         prefix: &str,
         taps: &mut Taps,
     ) -> Result<Tensor> {
         let a = taps.point(&format!("{prefix}.norm1"), self.norm1.forward(x)?)?;
-        let x = (x + drop_path(&self.attn.forward(&a)?, self.drop_path, train)?)?;
+        let x = (x + drop_path(&self.attn.forward(&a)?, self.drop_path, rng.as_deref_mut())?)?;
         let m = self.mlp.forward(&self.norm2.forward(&x)?)?;
-        x + drop_path(&m, self.drop_path, train)?
+        x + drop_path(&m, self.drop_path, rng)?
     }
 }
 
@@ -351,7 +353,13 @@ impl Vit {
         })
     }
 
-    pub fn forward_t(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Result<VitOutput> {
+    /// `rng` is `Some` in training: DropPath is active and draws from it.
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        mut rng: Option<&mut Rng>,
+        taps: &mut Taps,
+    ) -> Result<VitOutput> {
         let b = x.dim(0)?;
         let mut t = taps.point("patch_embed", self.patch_embed.forward(x)?)?;
         if let Some(cls) = &self.cls_token {
@@ -361,7 +369,7 @@ impl Vit {
         t = taps.point("embedded_tokens", t.broadcast_add(&self.pos_embed)?)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let name = format!("blocks.{i}");
-            t = block.forward(&t, train, &name, taps)?;
+            t = block.forward(&t, rng.as_deref_mut(), &name, taps)?;
             t = taps.point(&name, t)?;
         }
         let features = match &self.norm {
@@ -392,8 +400,8 @@ impl Vit {
         })
     }
 
-    pub fn logits(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_t(x, train, &mut Taps::none())?
+    pub fn logits(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        self.forward_t(x, rng, &mut Taps::none())?
             .logits
             .ok_or_else(|| candle_core::Error::Msg("this ViT has no head (num_classes = 0)".into()))
     }

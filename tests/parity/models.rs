@@ -53,7 +53,7 @@ fn vit_matches_timm() {
         let x = f.t("input.x");
         let (vit, _) = build_vit(&f, f.config());
         let mut taps = Taps::record();
-        let out = vit.forward_t(&x, false, &mut taps).unwrap();
+        let out = vit.forward_t(&x, None, &mut taps).unwrap();
         f.check("expected.logits", out.logits.as_ref().unwrap());
         f.check("expected.pre_logits", &out.pre_logits);
         f.check("expected.pooled", &out.pooled);
@@ -189,7 +189,7 @@ fn mae_matches_reference_including_gradients() {
         let imgs = f.t("input.imgs");
         let noise: Vec<f32> = f.t("input.noise").flatten_all().unwrap().to_vec1().unwrap();
         let ratio = f.json["mask_ratio"].as_f64().expect("mask_ratio");
-        let out = mae.forward(&imgs, &noise, ratio, true).unwrap();
+        let out = mae.forward(&imgs, &noise, ratio).unwrap();
         f.check("expected.loss", &out.loss);
         f.check("expected.pred", &out.pred);
         f.check("expected.mask", &out.mask);
@@ -306,7 +306,7 @@ fn gradcam_matches_pytorch_grad_cam() {
             let tap = format!("blocks.{}.norm1", vit.depth() - 1);
             grad_cam(
                 |taps| {
-                    let l = vit.forward_t(&x, false, taps)?.logits.unwrap();
+                    let l = vit.forward_t(&x, None, taps)?.logits.unwrap();
                     logits_seen = Some(l.clone());
                     Ok(l)
                 },

@@ -1,0 +1,219 @@
+//! Decoding radiographs to grey squares, and the decoded-tensor cache.
+//!
+//! JPEG and PNG (8 or 16 bit, grey or RGB with equal channels) through the `image` crate, resized
+//! to `size` x `size` with a triangle (bilinear, support scaled on downsampling) filter, stored as
+//! 8-bit. A set of images is decoded once per (files, size) into one compact file that every
+//! later epoch and stage reads back instead of decoding JPEGs again.
+
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadImage {
+    /// Stop with an error naming the file and the CSV row.
+    #[default]
+    Error,
+    /// Leave the image out; the count and the files are recorded in the stage's metrics.
+    Skip,
+}
+
+/// Decoded images: `pixels` holds `kept.len()` squares of `size * size` bytes.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub size: usize,
+    /// Positions (into the list given to [`decode_all`]) of the images that decoded.
+    pub kept: Vec<usize>,
+    pub skipped: Vec<(PathBuf, String)>,
+    pub pixels: Vec<u8>,
+}
+
+impl Decoded {
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.size * self.size;
+        &self.pixels[i * n..(i + 1) * n]
+    }
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+    /// Mean and standard deviation of pixel values in [0, 1] over the given images.
+    pub fn stats(&self, which: &[usize]) -> (f32, f32) {
+        let (mut sum, mut sq, mut n) = (0f64, 0f64, 0f64);
+        for &i in which {
+            for &p in self.image(i) {
+                let v = p as f64 / 255.0;
+                sum += v;
+                sq += v * v;
+                n += 1.0;
+            }
+        }
+        let mean = sum / n.max(1.0);
+        (
+            mean as f32,
+            ((sq / n.max(1.0) - mean * mean).max(1e-12)).sqrt() as f32,
+        )
+    }
+}
+
+/// Decodes one file to a grey `size` x `size` square.
+pub fn decode_grey(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .with_guessed_format()?
+        .decode()
+        .with_context(|| format!("cannot decode {} (corrupt or truncated?)", path.display()))?;
+    let grey = img.to_luma8();
+    if grey.width() == 0 || grey.height() == 0 {
+        bail!("{} has no pixels", path.display());
+    }
+    let resized = image::imageops::resize(
+        &grey,
+        size as u32,
+        size as u32,
+        image::imageops::FilterType::Triangle,
+    );
+    Ok(resized.into_raw())
+}
+
+/// Decodes `paths` at `size`, reusing `cache_dir/decoded-<key>.bin` when the same files (by path,
+/// size and mtime) were decoded at this size before. `origins` name where each path was declared.
+pub fn decode_all(
+    paths: &[PathBuf],
+    origins: &[String],
+    size: usize,
+    cache_dir: Option<&Path>,
+    on_bad: OnBadImage,
+) -> Result<Decoded> {
+    let key = {
+        let mut h = blake3::Hasher::new();
+        h.update(format!("grey-u8-triangle-v1 {size}\n").as_bytes());
+        for p in paths {
+            let m = std::fs::metadata(p).ok();
+            h.update(
+                format!(
+                    "{}\t{}\t{}\n",
+                    p.display(),
+                    m.as_ref().map_or(0, |m| m.len()),
+                    m.as_ref()
+                        .map_or(0, |m| m.mtime_nsec() + m.mtime() * 1_000_000_000)
+                )
+                .as_bytes(),
+            );
+        }
+        h.update(format!("{on_bad:?}").as_bytes());
+        h.finalize().to_hex()[..32].to_owned()
+    };
+    let cache_file = cache_dir.map(|d| d.join(format!("decoded-{key}.bin")));
+    if let Some(file) = &cache_file {
+        if let Ok(d) = read_cache(file, size) {
+            return Ok(d);
+        }
+    }
+    let results: Vec<Result<Vec<u8>>> = paths.par_iter().map(|p| decode_grey(p, size)).collect();
+    let mut out = Decoded {
+        size,
+        kept: Vec::new(),
+        skipped: Vec::new(),
+        pixels: Vec::with_capacity(paths.len() * size * size),
+    };
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(px) => {
+                out.kept.push(i);
+                out.pixels.extend(px);
+            }
+            Err(e) => match on_bad {
+                OnBadImage::Error => {
+                    return Err(e.context(format!(
+                        "image listed at {}; set `on_bad_image: skip` to leave bad images out",
+                        origins.get(i).map_or("?", String::as_str)
+                    )))
+                }
+                OnBadImage::Skip => out.skipped.push((paths[i].clone(), format!("{e:#}"))),
+            },
+        }
+    }
+    if let Some(file) = &cache_file {
+        // Best effort: without the cache file the next stage decodes again.
+        let _ = write_cache(file, &out);
+    }
+    Ok(out)
+}
+
+const MAGIC: &[u8; 8] = b"PTXDEC01";
+
+fn write_cache(file: &Path, d: &Decoded) -> Result<()> {
+    let dir = file.parent().context("cache file has a folder")?;
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        w.write_all(MAGIC)?;
+        w.write_all(&(d.size as u64).to_le_bytes())?;
+        w.write_all(&(d.kept.len() as u64).to_le_bytes())?;
+        let skipped = serde_json::to_vec(
+            &d.skipped
+                .iter()
+                .map(|(p, e)| (p.display().to_string(), e.clone()))
+                .collect::<Vec<_>>(),
+        )?;
+        w.write_all(&(skipped.len() as u64).to_le_bytes())?;
+        w.write_all(&skipped)?;
+        for &k in &d.kept {
+            w.write_all(&(k as u64).to_le_bytes())?;
+        }
+        w.write_all(&d.pixels)?;
+        w.flush()?;
+    }
+    tmp.persist(file)?;
+    Ok(())
+}
+
+fn read_cache(file: &Path, size: usize) -> Result<Decoded> {
+    let bytes = std::fs::read(file)?;
+    let u64_at = |o: usize| -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            bytes.get(o..o + 8).context("truncated")?.try_into()?,
+        ))
+    };
+    if bytes.get(..8) != Some(MAGIC) || u64_at(8)? as usize != size {
+        bail!("not a decoded cache of this size");
+    }
+    let n = u64_at(16)? as usize;
+    let sk_len = u64_at(24)? as usize;
+    let skipped: Vec<(String, String)> =
+        serde_json::from_slice(bytes.get(32..32 + sk_len).context("truncated")?)?;
+    let mut off = 32 + sk_len;
+    let mut kept = Vec::with_capacity(n);
+    for _ in 0..n {
+        kept.push(u64_at(off)? as usize);
+        off += 8;
+    }
+    let pixels = bytes.get(off..).context("truncated")?.to_vec();
+    if pixels.len() != n * size * size {
+        bail!("decoded cache has the wrong length");
+    }
+    Ok(Decoded {
+        size,
+        kept,
+        skipped: skipped
+            .into_iter()
+            .map(|(p, e)| (PathBuf::from(p), e))
+            .collect(),
+        pixels,
+    })
+}
+
+/// A seeded shuffle of positions, for epochs.
+pub fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    Rng::stream(seed, epoch, 0xE90C).shuffle(&mut v);
+    v
+}

@@ -1,0 +1,129 @@
+//! Batches assembled in parallel (rayon) and prefetched on a producer thread, so the training
+//! step never waits for pixels. What a sample becomes is a function of (item, seeded stream):
+//! a classification view, four rotations of one image, a jigsaw permutation, two contrastive
+//! views; the loader does not care.
+
+use super::augment::{hflip, rand_augment, random_resized_crop, resize, Grey};
+use super::decode::{shuffled, Decoded};
+use crate::rng::Rng;
+use rayon::prelude::*;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+/// A batch: `x` is [n, 1, size, size] in row-major order, normalised.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub x: Vec<f32>,
+    pub y: Vec<u32>,
+    /// The item each sample came from.
+    pub items: Vec<usize>,
+    pub n: usize,
+    pub size: usize,
+}
+
+/// One sample: pixels of a `size` x `size` image and its target.
+pub type Sample = (Vec<f32>, u32);
+
+/// Training-time augmentation for classification and MAE.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainAug {
+    pub crop_scale: (f64, f64),
+    pub center_bias: f64,
+    pub hflip: bool,
+    /// (number of ops, magnitude 0-10).
+    pub randaug: Option<(usize, f64)>,
+}
+
+/// Pixel normalisation with per-dataset statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct Normalize {
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl Normalize {
+    pub fn apply(&self, g: Grey) -> Vec<f32> {
+        g.px.into_iter()
+            .map(|v| (v - self.mean) / self.std)
+            .collect()
+    }
+}
+
+/// The image `pos` of `decoded`, augmented (training) or only resized (evaluation).
+pub fn view(
+    decoded: &Decoded,
+    pos: usize,
+    size: usize,
+    aug: Option<&TrainAug>,
+    rng: &mut Rng,
+) -> Grey {
+    let img = Grey::from_u8(decoded.image(pos), decoded.size);
+    match aug {
+        None => resize(&img, size),
+        Some(a) => {
+            let mut g = random_resized_crop(&img, size, a.crop_scale, a.center_bias, rng);
+            if a.hflip && rng.f64() < 0.5 {
+                g = hflip(&g);
+            }
+            if let Some((n, m)) = a.randaug {
+                g = rand_augment(&g, n, m, rng);
+            }
+            g
+        }
+    }
+}
+
+/// Batches of `per_batch` items for one epoch, built ahead on another thread. `make` turns an item
+/// into one or more samples, drawing only from the stream it is given (seed, epoch, item).
+pub fn epoch<F>(
+    items: usize,
+    per_batch: usize,
+    shuffle: bool,
+    drop_last: bool,
+    seed: u64,
+    epoch: u64,
+    size: usize,
+    make: F,
+) -> Receiver<Batch>
+where
+    F: Fn(usize, &mut Rng) -> Vec<Sample> + Send + Sync + 'static,
+{
+    let order = if shuffle {
+        shuffled(items, seed, epoch)
+    } else {
+        (0..items).collect()
+    };
+    let (tx, rx) = sync_channel::<Batch>(2);
+    let make = Arc::new(make);
+    std::thread::spawn(move || {
+        for chunk in order.chunks(per_batch.max(1)) {
+            if drop_last && chunk.len() < per_batch {
+                break;
+            }
+            let made: Vec<(usize, Vec<Sample>)> = chunk
+                .par_iter()
+                .map(|&item| (item, make(item, &mut Rng::stream(seed, epoch, item as u64))))
+                .collect();
+            let mut batch = Batch {
+                x: Vec::new(),
+                y: Vec::new(),
+                items: Vec::new(),
+                n: 0,
+                size,
+            };
+            for (item, samples) in made {
+                for (px, y) in samples {
+                    debug_assert_eq!(px.len(), size * size);
+                    batch.x.extend(px);
+                    batch.y.push(y);
+                    batch.items.push(item);
+                    batch.n += 1;
+                }
+            }
+            if tx.send(batch).is_err() {
+                return; // the consumer stopped early
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,8 @@
+//! The data layer: dataset sources, decoding with a decoded-tensor cache, augmentation and a
+//! parallel prefetching loader. Nothing here knows about models or YAML.
+
+pub mod augment;
+pub mod decode;
+pub mod inspect;
+pub mod loader;
+pub mod source;

@@ -1,0 +1,304 @@
+//! Datasets as lists of labelled image files, read from the layouts X-ray researchers have: a
+//! folder with `labels.csv`, or one sub-folder per class. Splits are grouped (by patient or study)
+//! so no group straddles train and validation.
+
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub fn parse(s: &str) -> Option<Split> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "train" | "training" => Some(Split::Train),
+            "val" | "valid" | "validation" => Some(Split::Val),
+            "test" => Some(Split::Test),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub path: PathBuf,
+    pub label: Option<usize>,
+    pub split: Option<Split>,
+    /// Patient or study: the unit that must not be split across train and validation.
+    pub group: Option<String>,
+    /// Where the sample was declared, for error messages (`labels.csv:17`).
+    pub origin: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub classes: Vec<String>,
+    pub samples: Vec<Sample>,
+}
+
+/// Splits a CSV line with double-quoted fields (`"a, b"`, `""` for a quote).
+pub fn csv_fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// `root/labels.csv` with a header naming at least `path` and `label`, optionally `split` and
+/// `patient` or `study`. `classes`, when given, fixes the label set and its order.
+pub fn folder_with_csv(root: &Path, csv: &str, classes: Option<&[String]>) -> Result<Dataset> {
+    let csv_path = root.join(csv);
+    let text = std::fs::read_to_string(&csv_path)
+        .with_context(|| format!("reading {}", csv_path.display()))?;
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let Some((_, header)) = lines.next() else {
+        bail!("{} is empty", csv_path.display())
+    };
+    let header: Vec<String> = csv_fields(header)
+        .into_iter()
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let path_col = col("path").with_context(|| {
+        format!(
+            "{}: the header needs a `path` column (found: {})",
+            csv_path.display(),
+            header.join(", ")
+        )
+    })?;
+    let label_col = col("label");
+    let split_col = col("split");
+    let group_col = col("patient").or_else(|| col("study"));
+    let mut raw = Vec::new();
+    for (i, line) in lines {
+        let f = csv_fields(line);
+        let get = |c: Option<usize>| {
+            c.and_then(|c| f.get(c))
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        };
+        let origin = format!("{}:{}", csv_path.display(), i + 1);
+        let Some(path) = get(Some(path_col)) else {
+            bail!("{origin}: empty `path`")
+        };
+        let split = match get(split_col) {
+            Some(s) => Some(
+                Split::parse(&s)
+                    .with_context(|| format!("{origin}: split `{s}` is not train, val or test"))?,
+            ),
+            None => None,
+        };
+        raw.push((
+            root.join(path),
+            get(label_col),
+            split,
+            get(group_col),
+            origin,
+        ));
+    }
+    let classes: Vec<String> = match classes {
+        Some(c) => c.to_vec(),
+        None => raw
+            .iter()
+            .filter_map(|r| r.1.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
+    let mut samples = Vec::with_capacity(raw.len());
+    for (path, label, split, group, origin) in raw {
+        let label = match label {
+            Some(l) => Some(classes.iter().position(|c| *c == l).with_context(|| {
+                format!(
+                    "{origin}: label `{l}` is not one of the declared classes ({})",
+                    classes.join(", ")
+                )
+            })?),
+            None => None,
+        };
+        samples.push(Sample {
+            path,
+            label,
+            split,
+            group,
+            origin,
+        });
+    }
+    if samples.is_empty() {
+        bail!("{} lists no images", csv_path.display());
+    }
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        classes,
+        samples,
+    })
+}
+
+/// One sub-folder per class (`root/<class>/*.png`), or `root/<split>/<class>/*` when the first
+/// level is made of `train`/`val`/`test`.
+pub fn class_folders(root: &Path) -> Result<Dataset> {
+    let is_image = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
+    };
+    let sorted_dirs = |d: &Path| -> Result<Vec<PathBuf>> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(d)
+            .with_context(|| format!("reading {}", d.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let top = sorted_dirs(root)?;
+    let split_layout = !top.is_empty()
+        && top.iter().all(|d| {
+            d.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(Split::parse)
+                .is_some()
+        });
+    let mut found: Vec<(PathBuf, String, Option<Split>)> = Vec::new();
+    let bases: Vec<(PathBuf, Option<Split>)> = if split_layout {
+        top.iter()
+            .map(|d| {
+                (
+                    d.clone(),
+                    Split::parse(&d.file_name().unwrap().to_string_lossy()),
+                )
+            })
+            .collect()
+    } else {
+        vec![(root.to_path_buf(), None)]
+    };
+    for (base, split) in bases {
+        for class_dir in sorted_dirs(&base)? {
+            let class = class_dir
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&class_dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_image(p))
+                .collect();
+            files.sort();
+            found.extend(files.into_iter().map(|f| (f, class.clone(), split)));
+        }
+    }
+    let classes: Vec<String> = found
+        .iter()
+        .map(|f| f.1.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if found.is_empty() {
+        bail!(
+            "{}: no images found in class sub-folders (expected root/<class>/*.png|jpg)",
+            root.display()
+        );
+    }
+    let samples = found
+        .into_iter()
+        .map(|(path, class, split)| Sample {
+            origin: path.display().to_string(),
+            label: classes.iter().position(|c| *c == class),
+            split,
+            group: None,
+            path,
+        })
+        .collect();
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        classes,
+        samples,
+    })
+}
+
+/// Opens a data folder: `labels.csv` if present (or the file named in `labels`), class folders otherwise.
+pub fn open(root: &Path, labels: Option<&str>) -> Result<Dataset> {
+    let csv = labels.unwrap_or("labels.csv");
+    if root.join(csv).is_file() {
+        folder_with_csv(root, csv, None)
+    } else if labels.is_some() {
+        bail!("{}: labels file `{csv}` not found", root.display())
+    } else {
+        class_folders(root)
+    }
+}
+
+/// Indices of samples per split. Samples without a split go to train; `val_fraction` of the train
+/// groups (stratified by the group's majority label, seeded) become validation when the data has
+/// no validation split of its own.
+pub fn split_indices(ds: &Dataset, val_fraction: f64, seed: u64) -> BTreeMap<Split, Vec<usize>> {
+    let mut out: BTreeMap<Split, Vec<usize>> = BTreeMap::new();
+    for (i, s) in ds.samples.iter().enumerate() {
+        out.entry(s.split.unwrap_or(Split::Train))
+            .or_default()
+            .push(i);
+    }
+    if out.contains_key(&Split::Val) || val_fraction <= 0.0 {
+        return out;
+    }
+    let train = out.remove(&Split::Train).unwrap_or_default();
+    // Group -> members; ungrouped samples are their own group.
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for &i in &train {
+        let key = ds.samples[i]
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("#{i}"));
+        groups.entry(key).or_default().push(i);
+    }
+    let mut by_label: BTreeMap<Option<usize>, Vec<Vec<usize>>> = BTreeMap::new();
+    for members in groups.into_values() {
+        let label = ds.samples[members[0]].label;
+        by_label.entry(label).or_default().push(members);
+    }
+    let (mut keep, mut val) = (Vec::new(), Vec::new());
+    let mut rng = Rng::new(seed);
+    for (_, mut groups) in by_label {
+        rng.shuffle(&mut groups);
+        let total: usize = groups.iter().map(Vec::len).sum();
+        let want = (total as f64 * val_fraction).round() as usize;
+        let mut taken = 0;
+        for g in groups {
+            if taken < want {
+                taken += g.len();
+                val.extend(g);
+            } else {
+                keep.extend(g);
+            }
+        }
+    }
+    keep.sort_unstable();
+    val.sort_unstable();
+    out.insert(Split::Train, keep);
+    out.insert(Split::Val, val);
+    out
+}
