@@ -100,7 +100,7 @@ pub struct Staging {
 
 impl Store {
     pub fn open(root: &Path) -> io::Result<Store> {
-        for sub in ["tmp", "locks", "state", "journal"] {
+        for sub in ["tmp", "locks", "state", "journal", "scratch"] {
             fs::create_dir_all(root.join(sub)).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -121,6 +121,10 @@ impl Store {
     }
     pub fn state_dir(&self) -> PathBuf {
         self.root.join("state")
+    }
+    /// Derived data any stage may recompute (decoded images); never part of an entry.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.root.join("scratch")
     }
     pub fn journal_dir(&self) -> PathBuf {
         self.root.join("journal")
@@ -233,7 +237,7 @@ impl Store {
         for kind_dir in fs::read_dir(&self.root)? {
             let kind_dir = kind_dir?;
             let kind = kind_dir.file_name().to_string_lossy().into_owned();
-            if ["tmp", "locks", "state", "journal"].contains(&kind.as_str())
+            if ["tmp", "locks", "state", "journal", "scratch"].contains(&kind.as_str())
                 || !kind_dir.file_type()?.is_dir()
             {
                 continue;

@@ -71,6 +71,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     let local = Local {
         catalog,
         workdir: loaded.plan.root.clone(),
+        scratch_dir: loaded.store.scratch_dir(),
         device,
         threads: (cpus / jobs).max(1),
         cancel: Arc::new(AtomicBool::new(false)),

@@ -28,6 +28,7 @@ pub enum Outcome {
 pub struct Local<'a> {
     pub catalog: &'a Catalog,
     pub workdir: PathBuf,
+    pub scratch_dir: PathBuf,
     pub device: String,
     pub threads: usize,
     pub cancel: Arc<AtomicBool>,
@@ -166,6 +167,7 @@ impl Local<'_> {
             out_dir: out_dir.to_path_buf(),
             checkpoint_dir: checkpoint_dir.to_path_buf(),
             workdir: self.workdir.clone(),
+            scratch_dir: self.scratch_dir.clone(),
             device: self.device.clone(),
             threads: self.threads,
             cancel: self.cancel.clone(),

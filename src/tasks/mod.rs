@@ -7,6 +7,14 @@
 //! [`Catalog`], so it never names a model.
 
 pub mod command;
+pub mod evaluate;
+pub mod finetune;
+pub mod fit;
+pub mod gradcam;
+pub mod mae;
+pub mod net;
+pub mod proxy;
+pub mod report;
 
 use anyhow::{anyhow, Result};
 use serde::de::DeserializeOwned;
@@ -93,7 +101,15 @@ pub struct Catalog {
 impl Catalog {
     pub fn builtin() -> Self {
         Catalog {
-            entries: vec![entry::<command::Command>()],
+            entries: vec![
+                entry::<command::Command>(),
+                entry::<mae::MaeTask>(),
+                entry::<finetune::Finetune>(),
+                entry::<proxy::Proxy>(),
+                entry::<evaluate::Evaluate>(),
+                entry::<gradcam::GradCamTask>(),
+                entry::<report::Report>(),
+            ],
         }
     }
     pub fn get(&self, kind: &str) -> Option<&TaskEntry> {
@@ -163,6 +179,8 @@ pub struct StageCtx<'a> {
     pub checkpoint_dir: PathBuf,
     /// The directory relative paths in params are read from (the project root).
     pub workdir: PathBuf,
+    /// Shared by all stages for derived data that can always be recomputed (decoded images).
+    pub scratch_dir: PathBuf,
     /// `cpu` or `cuda:N`.
     pub device: String,
     pub threads: usize,

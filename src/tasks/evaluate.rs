@@ -1,0 +1,199 @@
+//! `kind: evaluate`: scores the selected model once on the held-out test split: accuracy, macro-F1,
+//! Cohen's kappa, per-class and mean one-vs-rest AUC, confusion matrix, study-level scores where
+//! the data has studies or patients, and bootstrap 95% confidence intervals. Predictions per image
+//! go to `predictions.csv`.
+
+use super::finetune::{argmax, evaluate_split};
+use super::fit::ImageSet;
+use super::net::ModelCard;
+use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
+use crate::data::decode::OnBadImage;
+use crate::data::loader::Normalize;
+use crate::data::source::Split;
+use crate::train::metrics::{
+    accuracy, bootstrap_ci, cohen_kappa, confusion, macro_f1, roc_auc, roc_auc_per_class,
+    study_level,
+};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+
+pub struct Evaluate;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    #[serde(default = "d_rounds")]
+    pub bootstrap: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub max_images: Option<usize>,
+    #[serde(default)]
+    pub on_bad_image: OnBadImage,
+}
+
+fn d_rounds() -> usize {
+    1000
+}
+
+impl Task for Evaluate {
+    const KIND: &'static str = "evaluate";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "scores a fine-tuned model once on the test split, with bootstrap confidence intervals";
+    type Params = Params;
+
+    fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
+        Some(vec![
+            InputSlot {
+                name: "model",
+                required: true,
+                many: false,
+                doc: "a fine-tuned model (`finetune.model`)",
+            },
+            InputSlot {
+                name: "data",
+                required: true,
+                many: false,
+                doc: "the labelled data folder with a test split",
+            },
+        ])
+    }
+
+    fn outputs(_: &Params) -> Vec<OutputSlot> {
+        vec![OutputSlot {
+            name: "predictions",
+            path: "predictions.csv",
+            doc: "per image: path, label, prediction, class probabilities",
+        }]
+    }
+
+    fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
+        let (card, net) = ModelCard::read(inputs.path("model")?)?;
+        let set = ImageSet::open(
+            inputs.item("data")?,
+            card.net.img_size,
+            0.0,
+            0,
+            p.max_images,
+            p.on_bad_image,
+            ctx,
+        )?;
+        if set.dataset.classes != card.classes {
+            bail!(
+                "the model was trained on classes {:?}, the data has {:?}",
+                card.classes,
+                set.dataset.classes
+            );
+        }
+        let test = set
+            .require(Split::Test, "add rows with split=test to labels.csv")?
+            .to_vec();
+        let k = card.classes.len();
+        let (_, _, _, probs) = evaluate_split(
+            &net,
+            &set,
+            &test,
+            card.net.img_size,
+            Normalize {
+                mean: card.mean,
+                std: card.std,
+            },
+            k,
+        )?;
+        let truth: Vec<usize> = test
+            .iter()
+            .map(|&i| set.label(i).map(|l| l as usize))
+            .collect::<Result<_>>()?;
+        let pred: Vec<usize> = probs.iter().map(|r| argmax(r)).collect();
+        let onehot = |idx: &[usize]| -> Vec<Vec<bool>> {
+            idx.iter()
+                .map(|&i| (0..k).map(|c| c == truth[i]).collect())
+                .collect()
+        };
+        let all: Vec<usize> = (0..test.len()).collect();
+        let (per_class, mean_auc) = roc_auc_per_class(&onehot(&all), &probs);
+        let pick =
+            |idx: &[usize], v: &[usize]| -> Vec<usize> { idx.iter().map(|&i| v[i]).collect() };
+        let ci = |f: &dyn Fn(&[usize]) -> Option<f64>| {
+            bootstrap_ci(test.len(), p.bootstrap, p.seed, 0.05, f).map(|(lo, hi)| json!([lo, hi]))
+        };
+        let acc_ci = ci(&|idx| Some(accuracy(&pick(idx, &truth), &pick(idx, &pred))));
+        let f1_ci = ci(&|idx| Some(macro_f1(&pick(idx, &truth), &pick(idx, &pred), k)));
+        let auc_ci = ci(&|idx| {
+            let sub: Vec<Vec<f64>> = idx.iter().map(|&i| probs[i].clone()).collect();
+            roc_auc_per_class(&onehot(idx), &sub).1
+        });
+
+        let mut csv = String::from("path,label,prediction");
+        for c in &card.classes {
+            write!(csv, ",p_{c}")?;
+        }
+        csv.push('\n');
+        for (j, &i) in test.iter().enumerate() {
+            let s = &set.dataset.samples[set.sample_of[i]];
+            write!(
+                csv,
+                "\"{}\",{},{}",
+                s.path.display(),
+                card.classes[truth[j]],
+                card.classes[pred[j]]
+            )?;
+            for v in &probs[j] {
+                write!(csv, ",{v:.6}")?;
+            }
+            csv.push('\n');
+        }
+        std::fs::write(ctx.out_dir.join("predictions.csv"), csv)?;
+
+        // Study-level (MURA-style): mean probability of the positive class per study, binary tasks only.
+        let groups: Vec<Option<&String>> = test
+            .iter()
+            .map(|&i| set.dataset.samples[set.sample_of[i]].group.as_ref())
+            .collect();
+        let study = if k == 2 && groups.iter().all(Option::is_some) {
+            let mut ids_map = std::collections::BTreeMap::new();
+            let ids: Vec<i64> = groups
+                .iter()
+                .map(|g| {
+                    let n = ids_map.len() as i64;
+                    *ids_map.entry(g.unwrap().clone()).or_insert(n)
+                })
+                .collect();
+            let p1: Vec<f64> = probs.iter().map(|r| r[1]).collect();
+            let (_, _, sp, sl) = study_level(&ids, &p1, &truth);
+            let spred: Vec<usize> = sp.iter().map(|&v| (v >= 0.5) as usize).collect();
+            let sb: Vec<bool> = sl.iter().map(|&l| l == 1).collect();
+            Some(
+                json!({ "studies": sp.len(), "accuracy": accuracy(&sl, &spred), "kappa": cohen_kappa(&sl, &spred, 2), "auc": roc_auc(&sb, &sp) }),
+            )
+        } else {
+            None
+        };
+        let metrics = json!({
+            "test_images": test.len(), "classes": card.classes, "best_epoch": card.best_epoch,
+            "accuracy": accuracy(&truth, &pred), "accuracy_ci95": acc_ci,
+            "macro_f1": macro_f1(&truth, &pred, k), "macro_f1_ci95": f1_ci,
+            "kappa": cohen_kappa(&truth, &pred, k),
+            "auc_mean": mean_auc, "auc_mean_ci95": auc_ci, "auc_per_class": per_class,
+            "confusion": confusion(&truth, &pred, k), "study": study,
+            "majority_baseline": majority(&truth, k),
+        });
+        ctx.log(&format!(
+            "test accuracy {:.3}, macro-F1 {:.3}, mean AUC {}",
+            metrics["accuracy"].as_f64().unwrap_or(0.0),
+            metrics["macro_f1"].as_f64().unwrap_or(0.0),
+            mean_auc.map_or("-".into(), |a| format!("{a:.3}"))
+        ));
+        Ok(metrics)
+    }
+}
+
+/// Accuracy of always answering the most frequent test class.
+fn majority(truth: &[usize], k: usize) -> f64 {
+    let mut counts = vec![0usize; k];
+    truth.iter().for_each(|&t| counts[t] += 1);
+    *counts.iter().max().unwrap_or(&0) as f64 / truth.len().max(1) as f64
+}

@@ -1,0 +1,274 @@
+//! Training plumbing shared by the stage kinds: labelled image sets, optimiser groups, the
+//! per-epoch loop with atomic checkpoints that a restarted attempt resumes from.
+
+use super::{InputItem, StageCtx};
+use crate::data::decode::{decode_all, Decoded, OnBadImage};
+use crate::data::loader::Batch;
+use crate::data::source::{self, Dataset, Split};
+use crate::nn::params::ParamStore;
+use crate::train::lr_decay::param_groups_lrd;
+use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
+use crate::train::schedule::WarmupCosine;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// A decoded data input with its splits.
+pub struct ImageSet {
+    pub dataset: Dataset,
+    pub decoded: Decoded,
+    /// Per split: positions into `decoded` (images that failed to decode under `skip` are absent).
+    pub splits: BTreeMap<Split, Vec<usize>>,
+    /// Dataset sample index of each decoded image.
+    pub sample_of: Vec<usize>,
+}
+
+impl ImageSet {
+    pub fn open(
+        item: &InputItem,
+        size: usize,
+        val_fraction: f64,
+        seed: u64,
+        max_images: Option<usize>,
+        on_bad: OnBadImage,
+        ctx: &StageCtx,
+    ) -> Result<ImageSet> {
+        let labels = item.options.get("labels").and_then(|v| v.as_str());
+        let mut dataset = source::open(&item.path, labels)?;
+        if let Some(max) = max_images {
+            // Evenly spaced, so every class and split keeps its share.
+            let n = dataset.samples.len();
+            if max < n {
+                dataset.samples = (0..max)
+                    .map(|i| dataset.samples[i * n / max].clone())
+                    .collect();
+            }
+        }
+        let paths: Vec<_> = dataset.samples.iter().map(|s| s.path.clone()).collect();
+        let origins: Vec<_> = dataset.samples.iter().map(|s| s.origin.clone()).collect();
+        ctx.log(&format!(
+            "decoding {} images at {size} px from {}",
+            paths.len(),
+            item.path.display()
+        ));
+        let decoded = decode_all(&paths, &origins, size, Some(&ctx.scratch_dir), on_bad)?;
+        for (p, e) in &decoded.skipped {
+            ctx.log(&format!("skipped {}: {e}", p.display()));
+        }
+        let by_sample = source::split_indices(&dataset, val_fraction, seed);
+        let position: HashMap<usize, usize> = decoded
+            .kept
+            .iter()
+            .enumerate()
+            .map(|(pos, &s)| (s, pos))
+            .collect();
+        let splits = by_sample
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    v.into_iter()
+                        .filter_map(|s| position.get(&s).copied())
+                        .collect(),
+                )
+            })
+            .collect();
+        let sample_of = decoded.kept.clone();
+        Ok(ImageSet {
+            dataset,
+            decoded,
+            splits,
+            sample_of,
+        })
+    }
+
+    pub fn split(&self, split: Split) -> &[usize] {
+        self.splits.get(&split).map_or(&[], Vec::as_slice)
+    }
+
+    /// Label of decoded image `pos`; an unlabelled image is an error naming its CSV row.
+    pub fn label(&self, pos: usize) -> Result<u32> {
+        let s = &self.dataset.samples[self.sample_of[pos]];
+        s.label
+            .map(|l| l as u32)
+            .with_context(|| format!("{}: image has no label", s.origin))
+    }
+
+    pub fn require(&self, split: Split, what: &str) -> Result<&[usize]> {
+        let v = self.split(split);
+        if v.is_empty() {
+            bail!(
+                "{}: the {split:?} split is empty; {what}",
+                self.dataset.root.display()
+            );
+        }
+        Ok(v)
+    }
+}
+
+pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {
+    let x = Tensor::from_slice(&b.x, (b.n, 1, b.size, b.size), device)?;
+    let y = Tensor::from_slice(&b.y, b.n, device)?;
+    Ok((x, y))
+}
+
+pub struct OptimSpec<'a> {
+    pub weight_decay: f64,
+    pub betas: (f64, f64),
+    /// Layer-wise lr decay, with the ViT's depth: lr scale decay^(depth+1 - layer).
+    pub layer_decay: Option<(f64, usize)>,
+    /// Train only these parameters (a linear probe trains the head alone).
+    pub only: Option<&'a dyn Fn(&str) -> bool>,
+}
+
+/// AdamW groups: no decay for 1-D parameters, position embeddings and tokens; layer-wise decay
+/// for ViTs when asked. BatchNorm running statistics are not parameters and are left out.
+pub fn optimizer(params: &ParamStore, spec: &OptimSpec) -> AdamW {
+    let named: Vec<(String, candle_core::Var)> = params
+        .named()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .filter(|(n, _)| spec.only.is_none_or(|f| f(n)))
+        .collect();
+    let shapes: Vec<(String, usize)> = named.iter().map(|(n, v)| (n.clone(), v.rank())).collect();
+    let (decay, depth) = spec.layer_decay.unwrap_or((1.0, 0));
+    let settings = param_groups_lrd(
+        &shapes,
+        depth + 1,
+        spec.weight_decay,
+        &["pos_embed", "cls_token", "mask_token"],
+        decay,
+    );
+    let mut groups: Vec<ParamGroup> = Vec::new();
+    for (s, (_, var)) in settings.iter().zip(named) {
+        if groups.len() <= s.group {
+            groups.resize(
+                s.group + 1,
+                ParamGroup {
+                    lr_scale: 1.0,
+                    weight_decay: 0.0,
+                    params: Vec::new(),
+                },
+            );
+        }
+        let g = &mut groups[s.group];
+        (g.lr_scale, g.weight_decay) = (s.lr_scale, s.weight_decay);
+        g.params.push((s.name.clone(), var));
+    }
+    AdamW::new(
+        AdamWConfig {
+            beta1: spec.betas.0,
+            beta2: spec.betas.1,
+            eps: 1e-8,
+        },
+        groups,
+    )
+}
+
+pub fn schedule(lr: f64, min_lr: f64, warmup_epochs: f64, epochs: usize) -> WarmupCosine {
+    WarmupCosine {
+        base_lr: lr,
+        min_lr,
+        warmup_epochs: warmup_epochs.min(epochs as f64 / 2.0),
+        epochs: epochs as f64,
+    }
+}
+
+/// Saves model, optimiser state and loop state after an epoch. The JSON is written last and names
+/// the tensor file, so a kill between the two leaves the previous checkpoint valid.
+pub fn save_checkpoint<S: Serialize>(
+    dir: &Path,
+    params: &ParamStore,
+    opt: &AdamW,
+    state: &S,
+    epoch: usize,
+) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = params
+        .named()
+        .into_iter()
+        .map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone()))
+        .collect();
+    let mut steps = BTreeMap::new();
+    for (name, (m, v, t)) in &opt.state {
+        tensors.insert(format!("exp_avg.{name}"), m.clone());
+        tensors.insert(format!("exp_avg_sq.{name}"), v.clone());
+        steps.insert(name.clone(), *t);
+    }
+    let file = format!("epoch-{epoch}.safetensors");
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    candle_core::safetensors::save(&tensors, tmp.path())?;
+    tmp.persist(dir.join(&file))?;
+    let meta =
+        serde_json::json!({ "epoch": epoch, "tensors": file, "steps": steps, "state": state });
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::fs::write(tmp.path(), serde_json::to_vec_pretty(&meta)?)?;
+    tmp.persist(dir.join("checkpoint.json"))?;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("epoch-") && name != file {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Restores the last checkpoint, if any: (epochs done, loop state).
+pub fn load_checkpoint<S: DeserializeOwned>(
+    dir: &Path,
+    params: &ParamStore,
+    opt: &mut AdamW,
+) -> Result<Option<(usize, S)>> {
+    let meta_path = dir.join("checkpoint.json");
+    let Ok(text) = std::fs::read_to_string(&meta_path) else {
+        return Ok(None);
+    };
+    let meta: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is corrupt", meta_path.display()))?;
+    let file = dir.join(
+        meta["tensors"]
+            .as_str()
+            .context("checkpoint names no tensor file")?,
+    );
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let params_only: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_owned(), v.clone())))
+        .collect();
+    let report = params.load_tensors(&params_only, |_| false)?;
+    if !report.is_clean() {
+        bail!(
+            "checkpoint {} does not fit this model: {}",
+            file.display(),
+            report.describe()
+        );
+    }
+    for (name, step) in meta["steps"].as_object().into_iter().flatten() {
+        let (Some(m), Some(v)) = (
+            tensors.get(&format!("exp_avg.{name}")),
+            tensors.get(&format!("exp_avg_sq.{name}")),
+        ) else {
+            continue;
+        };
+        opt.state.insert(
+            name.clone(),
+            (m.clone(), v.clone(), step.as_u64().unwrap_or(0)),
+        );
+    }
+    let state: S = serde_json::from_value(meta["state"].clone())?;
+    Ok(Some((meta["epoch"].as_u64().unwrap_or(0) as usize, state)))
+}
+
+pub fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Stops training on a non-finite loss, naming where, instead of writing a NaN model.
+pub fn finite(loss: f64, epoch: usize, step: usize) -> Result<f64> {
+    if !loss.is_finite() {
+        bail!("loss became {loss} at epoch {epoch}, step {step}: lower the learning rate (`blr`) or enable `clip_grad`");
+    }
+    Ok(loss)
+}

@@ -1,0 +1,485 @@
+//! `kind: mae`: masked-autoencoder pretraining of a ViT on unlabelled radiographs, with the X-ray
+//! recipe as defaults (mask ratio 0.9, RandomResizedCrop 0.5-1.0, AdamW betas (0.9, 0.95), weight
+//! decay 0.05, base lr 1.5e-4 x batch/256, warmup then cosine per iteration). Can continue from an
+//! upstream encoder (chest MAE -> shoulder MAE).
+
+use super::fit::{finite, load_checkpoint, save_checkpoint, scalar, schedule, ImageSet, OptimSpec};
+use super::net::NetDesc;
+use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
+use crate::data::augment::Grey;
+use crate::data::decode::OnBadImage;
+use crate::data::loader::{self, Normalize, TrainAug};
+use crate::data::source::Split;
+use crate::nn::mae::{masking_noise, Mae, MaeConfig, Masking};
+use crate::nn::params::ParamStore;
+use crate::nn::pos_embed::sincos_2d_tensor;
+use crate::rng::Rng;
+use crate::train::schedule::scaled_lr;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+pub struct MaeTask;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskingKind {
+    Random,
+    Center,
+    Block,
+    Grid,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// Encoder: `vit_tiny`, `vit_small`, `vit_base`, or `vit` with `vit_dims`.
+    #[serde(default = "d_model")]
+    pub model: String,
+    #[serde(default)]
+    pub vit_dims: Option<[usize; 3]>,
+    #[serde(default = "d_img")]
+    pub img_size: usize,
+    #[serde(default = "d_patch")]
+    pub patch: usize,
+    #[serde(default = "d_dec_dim")]
+    pub decoder_dim: usize,
+    #[serde(default = "d_dec_depth")]
+    pub decoder_depth: usize,
+    #[serde(default = "d_dec_heads")]
+    pub decoder_heads: usize,
+    #[serde(default = "d_ratio")]
+    pub mask_ratio: f64,
+    #[serde(default = "d_masking")]
+    pub masking: MaskingKind,
+    /// Width of the centre weighting (`masking: center`), in half-widths of the image.
+    #[serde(default = "d_sigma")]
+    pub center_sigma: f64,
+    /// Side of the masked blocks in patches (`masking: block`).
+    #[serde(default = "d_block")]
+    pub block_size: usize,
+    #[serde(default = "yes")]
+    pub norm_pix_loss: bool,
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    /// Base lr per 256 images; the lr used is blr x batch / 256.
+    #[serde(default = "d_blr")]
+    pub blr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup_epochs: f64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_crop")]
+    pub crop_scale: (f64, f64),
+    #[serde(default)]
+    pub seed: u64,
+    /// Use at most this many images (evenly spaced), for quick runs.
+    #[serde(default)]
+    pub max_images: Option<usize>,
+    #[serde(default)]
+    pub on_bad_image: OnBadImage,
+    /// Images shown in `reconstructions.png`.
+    #[serde(default = "d_recon")]
+    pub recon_images: usize,
+}
+
+fn d_model() -> String {
+    "vit_tiny".into()
+}
+fn d_img() -> usize {
+    64
+}
+fn d_patch() -> usize {
+    8
+}
+fn d_dec_dim() -> usize {
+    128
+}
+fn d_dec_depth() -> usize {
+    2
+}
+fn d_dec_heads() -> usize {
+    4
+}
+fn d_ratio() -> f64 {
+    0.9
+}
+fn d_masking() -> MaskingKind {
+    MaskingKind::Random
+}
+fn d_sigma() -> f64 {
+    0.5
+}
+fn d_block() -> usize {
+    2
+}
+fn yes() -> bool {
+    true
+}
+fn d_epochs() -> usize {
+    20
+}
+fn d_batch() -> usize {
+    64
+}
+fn d_blr() -> f64 {
+    1.5e-4
+}
+fn d_warmup() -> f64 {
+    2.0
+}
+fn d_wd() -> f64 {
+    0.05
+}
+fn d_crop() -> (f64, f64) {
+    (0.5, 1.0)
+}
+fn d_recon() -> usize {
+    6
+}
+
+impl Params {
+    fn masking(&self) -> Masking {
+        match self.masking {
+            MaskingKind::Random => Masking::Random,
+            MaskingKind::Center => Masking::Center {
+                sigma: self.center_sigma,
+            },
+            MaskingKind::Block => Masking::Block {
+                block: self.block_size,
+            },
+            MaskingKind::Grid => Masking::Grid,
+        }
+    }
+
+    fn config(&self) -> Result<MaeConfig> {
+        let desc = NetDesc {
+            arch: self.model.clone(),
+            img_size: self.img_size,
+            patch: self.patch,
+            vit_dims: self.vit_dims,
+            densenet_dims: None,
+            drop_path: 0.0,
+            num_classes: 0,
+        };
+        if !desc.is_vit() {
+            bail!("`mae` pretrains ViT encoders; `model: {}` is not one (use vit_tiny, vit_small, vit_base or vit)", self.model);
+        }
+        let v = desc.vit_config()?;
+        if !(0.0..1.0).contains(&self.mask_ratio)
+            || MaeConfig::len_keep(&mae_config(&v, self), self.mask_ratio) == 0
+        {
+            bail!(
+                "mask_ratio {} leaves no visible patch of {}",
+                self.mask_ratio,
+                v.num_patches()
+            );
+        }
+        Ok(mae_config(&v, self))
+    }
+}
+
+fn mae_config(v: &crate::nn::vit::VitConfig, p: &Params) -> MaeConfig {
+    MaeConfig {
+        img_size: p.img_size,
+        patch_size: p.patch,
+        in_chans: 1,
+        embed_dim: v.embed_dim,
+        depth: v.depth,
+        num_heads: v.num_heads,
+        decoder_embed_dim: p.decoder_dim,
+        decoder_depth: p.decoder_depth,
+        decoder_num_heads: p.decoder_heads,
+        mlp_ratio: 4.0,
+        norm_pix_loss: p.norm_pix_loss,
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct History {
+    loss: Vec<f64>,
+}
+
+impl Task for MaeTask {
+    const KIND: &'static str = "mae";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "masked-autoencoder pretraining of a ViT encoder on radiographs";
+    type Params = Params;
+
+    fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
+        Some(vec![
+            InputSlot {
+                name: "images",
+                required: true,
+                many: false,
+                doc: "a data folder (labels unused)",
+            },
+            InputSlot {
+                name: "init",
+                required: false,
+                many: false,
+                doc: "an encoder to continue from (e.g. `chest_mae.encoder`)",
+            },
+        ])
+    }
+
+    fn outputs(_: &Params) -> Vec<OutputSlot> {
+        vec![
+            OutputSlot {
+                name: "encoder",
+                path: "encoder.safetensors",
+                doc: "the ViT encoder, timm names (pos_embed included)",
+            },
+            OutputSlot {
+                name: "mae",
+                path: "mae.safetensors",
+                doc: "encoder and decoder, official MAE names",
+            },
+            OutputSlot {
+                name: "recon",
+                path: "reconstructions.png",
+                doc: "original | masked | reconstruction | reconstruction + visible",
+            },
+        ]
+    }
+
+    fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
+        let cfg = p.config()?;
+        let dev = Device::Cpu;
+        let set = ImageSet::open(
+            inputs.item("images")?,
+            p.img_size,
+            0.0,
+            p.seed,
+            p.max_images,
+            p.on_bad_image,
+            ctx,
+        )?;
+        // Self-supervised: every image not held out for testing is training material.
+        let mut train: Vec<usize> = set.split(Split::Train).to_vec();
+        train.extend_from_slice(set.split(Split::Val));
+        if train.is_empty() {
+            bail!(
+                "{}: no images to pretrain on",
+                inputs.path("images")?.display()
+            );
+        }
+        let (mean, std) = set.decoded.stats(&train);
+        let norm = Normalize { mean, std };
+
+        let params = ParamStore::seeded(p.seed);
+        let mae = Mae::new(&cfg, params.var_builder(&dev))?;
+        if let Some(init) = inputs.optional_path("init") {
+            let tensors = super::net::read_tensors(init)?;
+            let report = params.load_tensors(&tensors, |k| {
+                k == "pos_embed" || k.starts_with("head.") || k.starts_with("fc_norm.")
+            })?;
+            let missing: Vec<&String> = report
+                .missing
+                .iter()
+                .filter(|n| {
+                    !n.starts_with("decoder") && *n != "mask_token" && !n.starts_with("norm.")
+                })
+                .collect();
+            if !missing.is_empty() || !report.mismatched.is_empty() {
+                bail!(
+                    "init {} does not fit this MAE encoder: {}",
+                    init.display(),
+                    report.describe()
+                );
+            }
+            ctx.log(&format!("initialised the encoder from {}", init.display()));
+        }
+        let mut opt = super::fit::optimizer(
+            &params,
+            &OptimSpec {
+                weight_decay: p.weight_decay,
+                betas: (0.9, 0.95),
+                layer_decay: None,
+                only: None,
+            },
+        );
+        let lr = scaled_lr(p.blr, p.batch);
+        let sched = schedule(lr, p.min_lr, p.warmup_epochs, p.epochs);
+        let (start, mut history) =
+            match load_checkpoint::<History>(&ctx.checkpoint_dir, &params, &mut opt)? {
+                Some((done, h)) => {
+                    ctx.log(&format!("resuming after epoch {done} from the checkpoint"));
+                    (done, h)
+                }
+                None => (0, History::default()),
+            };
+        let aug = TrainAug {
+            crop_scale: p.crop_scale,
+            center_bias: 0.0,
+            hflip: true,
+            randaug: None,
+        };
+        let decoded = std::sync::Arc::new(set.decoded.clone());
+        let steps = train.len().div_ceil(p.batch);
+        let masking = p.masking();
+        for epoch in start..p.epochs {
+            let (d, t, size) = (decoded.clone(), train.clone(), p.img_size);
+            let rx = loader::epoch(
+                train.len(),
+                p.batch,
+                true,
+                false,
+                p.seed,
+                epoch as u64,
+                size,
+                move |item, rng| {
+                    vec![(
+                        norm.apply(loader::view(&d, t[item], size, Some(&aug), rng)),
+                        0,
+                    )]
+                },
+            );
+            let (mut sum, mut count) = (0.0, 0usize);
+            for (step, b) in rx.iter().enumerate() {
+                if ctx.cancelled() {
+                    bail!("cancelled");
+                }
+                let x = Tensor::from_slice(&b.x, (b.n, 1, size, size), &dev)?;
+                let mut rng = Rng::stream(p.seed, epoch as u64, 0x3A5C_0000 + step as u64);
+                let noise =
+                    masking_noise(masking, b.n, cfg.grid(), p.mask_ratio, &mut || rng.f64());
+                let out = mae.forward(&x, &noise, p.mask_ratio)?;
+                let loss = finite(scalar(&out.loss)?, epoch, step)?;
+                let grads = out.loss.backward()?;
+                opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
+                sum += loss * b.n as f64;
+                count += b.n;
+                ctx.report(
+                    (epoch * steps + step + 1) as u64,
+                    (p.epochs * steps) as u64,
+                    format!(
+                        "epoch {}/{} loss {:.4}",
+                        epoch + 1,
+                        p.epochs,
+                        sum / count as f64
+                    ),
+                );
+            }
+            history.loss.push(sum / count.max(1) as f64);
+            ctx.log(&format!(
+                "epoch {} loss {:.4}",
+                epoch + 1,
+                history.loss.last().unwrap()
+            ));
+            save_checkpoint(&ctx.checkpoint_dir, &params, &opt, &history, epoch + 1)?;
+        }
+
+        // Outputs: the encoder in timm names (with its fixed sin-cos position embedding, which a
+        // fine-tuned ViT starts its learned one from), the whole MAE, and reconstructions.
+        let mut encoder: HashMap<String, Tensor> = params
+            .named()
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("decoder") && n != "mask_token")
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        encoder.insert(
+            "pos_embed".into(),
+            sincos_2d_tensor(cfg.embed_dim, cfg.grid(), true, &dev)?,
+        );
+        candle_core::safetensors::save(&encoder, ctx.out_dir.join("encoder.safetensors"))?;
+        params.save_safetensors(&ctx.out_dir.join("mae.safetensors"), |_| true)?;
+        let shown: Vec<usize> = train.iter().copied().take(p.recon_images.max(1)).collect();
+        reconstructions(
+            &mae,
+            &set,
+            &shown,
+            norm,
+            p,
+            &ctx.out_dir.join("reconstructions.png"),
+        )?;
+        Ok(
+            json!({ "loss": history.loss, "final_loss": history.loss.last(), "images": train.len(), "mean": mean, "std": std,
+                   "skipped_images": set.decoded.skipped.len(), "mask_ratio": p.mask_ratio, "masking": p.masking }),
+        )
+    }
+}
+
+/// Rows of original | masked | reconstruction | reconstruction with the visible patches pasted.
+fn reconstructions(
+    mae: &Mae,
+    set: &ImageSet,
+    shown: &[usize],
+    norm: Normalize,
+    p: &Params,
+    path: &std::path::Path,
+) -> Result<()> {
+    let size = p.img_size;
+    let dev = Device::Cpu;
+    let x: Vec<f32> = shown
+        .iter()
+        .flat_map(|&i| {
+            norm.apply(Grey::from_u8(set.decoded.image(i), set.decoded.size))
+                .into_iter()
+                .take(size * size)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if set.decoded.size != size {
+        bail!("decoded size mismatch");
+    }
+    let n = shown.len();
+    let imgs = Tensor::from_vec(x, (n, 1, size, size), &dev)?;
+    let mut rng = Rng::new(p.seed ^ 0x5EC0);
+    let grid = size / p.patch;
+    let noise = masking_noise(p.masking(), n, grid, p.mask_ratio, &mut || rng.f64());
+    let out = mae.forward(&imgs, &noise, p.mask_ratio)?;
+    let mut pred = out.pred.clone();
+    if p.norm_pix_loss {
+        // Undo the per-patch normalisation with the target's own statistics, as MAE's demo does.
+        let target = mae.patchify(&imgs)?;
+        let mean = target.mean_keepdim(2)?;
+        let var =
+            (target.broadcast_sub(&mean)?.sqr()?.sum_keepdim(2)? / ((target.dim(2)? - 1) as f64))?;
+        pred = pred
+            .broadcast_mul(&(var + 1e-6)?.sqrt()?)?
+            .broadcast_add(&mean)?;
+    }
+    let recon = mae.unpatchify(&pred)?;
+    let mask_px = mae.unpatchify(&out.mask.unsqueeze(2)?.repeat((1, 1, p.patch * p.patch))?)?;
+    let masked = (&imgs * (1.0 - &mask_px)?)?;
+    let pasted = ((&imgs * (1.0 - &mask_px)?)? + (&recon * &mask_px)?)?;
+    let to_rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let panels = [
+        to_rows(&imgs)?,
+        to_rows(&masked)?,
+        to_rows(&recon)?,
+        to_rows(&pasted)?,
+    ];
+    let scale = 2u32;
+    let (w, h) = (4 * size as u32 * scale, n as u32 * size as u32 * scale);
+    let mut png = image::GrayImage::new(w, h);
+    for r in 0..n {
+        for (c, panel) in panels.iter().enumerate() {
+            for y in 0..size {
+                for xx in 0..size {
+                    let v = panel[r * size * size + y * size + xx] * norm.std + norm.mean;
+                    let px = image::Luma([(v.clamp(0.0, 1.0) * 255.0) as u8]);
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            png.put_pixel(
+                                (c * size) as u32 * scale + xx as u32 * scale + dx,
+                                (r * size) as u32 * scale + y as u32 * scale + dy,
+                                px,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    png.save(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! The networks stages train, described in params and in `model.json`, built on the nn layer, and
+//! initialised from upstream encoders or ImageNet checkpoints.
+
+use crate::nn::densenet::{DenseNet, DenseNetConfig};
+use crate::nn::params::ParamStore;
+use crate::nn::resnet::{ResNet, ResNetConfig};
+use crate::nn::tap::Taps;
+use crate::nn::vit::{Vit, VitConfig};
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Which network: `vit_tiny` / `vit_small` / `vit_base` (or `vit` with `vit_dims`), `resnet18` /
+/// `resnet34` / `resnet50`, `densenet121` (or `densenet` with `densenet_dims`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetDesc {
+    pub arch: String,
+    pub img_size: usize,
+    #[serde(default = "eight")]
+    pub patch: usize,
+    /// [embed_dim, depth, heads] for `arch: vit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vit_dims: Option<[usize; 3]>,
+    /// [growth_rate, init_features, blocks per stage...] for `arch: densenet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub densenet_dims: Option<Vec<usize>>,
+    #[serde(default)]
+    pub drop_path: f64,
+    pub num_classes: usize,
+}
+
+fn eight() -> usize {
+    8
+}
+
+pub enum Arch {
+    Vit(Vit),
+    ResNet(ResNet),
+    DenseNet(DenseNet),
+}
+
+pub struct Net {
+    pub desc: NetDesc,
+    pub arch: Arch,
+    pub params: ParamStore,
+}
+
+impl NetDesc {
+    pub fn is_vit(&self) -> bool {
+        self.arch.starts_with("vit")
+    }
+
+    pub fn vit_config(&self) -> Result<VitConfig> {
+        let mut cfg = match (self.arch.as_str(), self.vit_dims) {
+            ("vit", Some([d, depth, heads])) => {
+                let mut c =
+                    VitConfig::preset("vit_tiny", self.img_size, self.patch, 1, self.num_classes)
+                        .expect("preset");
+                (c.embed_dim, c.depth, c.num_heads) = (d, depth, heads);
+                c
+            }
+            ("vit", None) => bail!("`model: vit` needs `vit_dims: [embed_dim, depth, heads]`"),
+            (name, _) => VitConfig::preset(name, self.img_size, self.patch, 1, self.num_classes)
+                .with_context(|| format!("unknown model `{name}`; known: {}", KNOWN.join(", ")))?,
+        };
+        if self.img_size % self.patch != 0 {
+            bail!(
+                "img_size {} is not a multiple of patch {}",
+                self.img_size,
+                self.patch
+            );
+        }
+        cfg.drop_path_rate = self.drop_path;
+        Ok(cfg)
+    }
+
+    /// Feature width of the backbone (what a head sees).
+    pub fn feature_dim(&self) -> Result<usize> {
+        Ok(match self.arch.as_str() {
+            a if a.starts_with("vit") => self.vit_config()?.embed_dim,
+            a if a.starts_with("resnet") => ResNetConfig::preset(a, 1, 0)
+                .with_context(|| format!("unknown model `{a}`"))?
+                .feature_dim(),
+            _ => {
+                let probe = Net::build(
+                    &NetDesc {
+                        num_classes: 0,
+                        ..self.clone()
+                    },
+                    0,
+                    &Device::Cpu,
+                )?;
+                match probe.arch {
+                    Arch::DenseNet(d) => d.num_features,
+                    _ => unreachable!(),
+                }
+            }
+        })
+    }
+}
+
+pub const KNOWN: &[&str] = &[
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "vit",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "densenet121",
+    "densenet",
+];
+
+impl Net {
+    pub fn build(desc: &NetDesc, seed: u64, device: &Device) -> Result<Net> {
+        let params = ParamStore::seeded(seed);
+        let vb = params.var_builder(device);
+        let arch = match desc.arch.as_str() {
+            a if a.starts_with("vit") => Arch::Vit(Vit::new(&desc.vit_config()?, vb)?),
+            a if a.starts_with("resnet") => {
+                let cfg = ResNetConfig::preset(a, 1, desc.num_classes)
+                    .with_context(|| format!("unknown model `{a}`; known: {}", KNOWN.join(", ")))?;
+                Arch::ResNet(ResNet::new(&cfg, vb)?)
+            }
+            "densenet121" => Arch::DenseNet(DenseNet::new(
+                &DenseNetConfig::densenet121(1, desc.num_classes),
+                vb,
+            )?),
+            "densenet" => {
+                let dims = desc
+                    .densenet_dims
+                    .as_ref()
+                    .filter(|d| d.len() >= 3)
+                    .context(
+                    "`model: densenet` needs `densenet_dims: [growth, init_features, blocks...]`",
+                )?;
+                let cfg = DenseNetConfig {
+                    growth_rate: dims[0],
+                    num_init_features: dims[1],
+                    block_config: dims[2..].to_vec(),
+                    bn_size: 4,
+                    num_classes: desc.num_classes,
+                    in_chans: 1,
+                };
+                Arch::DenseNet(DenseNet::new(&cfg, vb)?)
+            }
+            other => bail!("unknown model `{other}`; known: {}", KNOWN.join(", ")),
+        };
+        Ok(Net {
+            desc: desc.clone(),
+            arch,
+            params,
+        })
+    }
+
+    /// Logits; `rng` is `Some` in training (BatchNorm uses batch statistics, DropPath is active).
+    pub fn logits(&self, x: &Tensor, rng: Option<&mut Rng>, taps: &mut Taps) -> Result<Tensor> {
+        Ok(self
+            .forward(x, rng, taps)?
+            .1
+            .context("this network has no head")?)
+    }
+
+    /// (pooled features, logits).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rng: Option<&mut Rng>,
+        taps: &mut Taps,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let train = rng.is_some();
+        Ok(match &self.arch {
+            Arch::Vit(v) => {
+                let o = v.forward_t(x, rng, taps)?;
+                (o.pre_logits, o.logits)
+            }
+            Arch::ResNet(r) => {
+                let o = r.forward_t(x, train, taps)?;
+                (o.pooled, o.logits)
+            }
+            Arch::DenseNet(d) => {
+                let o = d.forward_t(x, train, taps)?;
+                (o.pooled, o.logits)
+            }
+        })
+    }
+
+    /// The layer Grad-CAM explains by default: the last block's norm1 (ViT, as in the reference
+    /// recipe), the last residual stage (ResNet), norm5 (DenseNet).
+    pub fn cam_layer(&self) -> String {
+        match &self.arch {
+            Arch::Vit(v) => format!("blocks.{}.norm1", v.depth() - 1),
+            Arch::ResNet(_) => "layer4".into(),
+            Arch::DenseNet(_) => "features.norm5".into(),
+        }
+    }
+
+    pub fn to_grid(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.arch {
+            Arch::Vit(v) => v.tokens_to_grid(t),
+            _ => Ok(t.clone()),
+        }
+    }
+
+    /// Names of the classifier head's parameters (left out of exported encoders).
+    pub fn is_head(&self, name: &str) -> bool {
+        match &self.arch {
+            Arch::Vit(_) => name.starts_with("head.") || name.starts_with("fc_norm."),
+            Arch::ResNet(_) => name.starts_with("fc."),
+            Arch::DenseNet(_) => name.starts_with("classifier."),
+        }
+    }
+
+    pub fn save_encoder(&self, path: &Path) -> Result<()> {
+        self.params.save_safetensors(path, |n| !self.is_head(n))
+    }
+
+    /// Initialises from a checkpoint (an upstream encoder, or timm / torchvision ImageNet weights):
+    /// 3-channel first convolutions are folded to grey by summing over channels, a position
+    /// embedding of another grid size is interpolated, the head stays freshly initialised, and
+    /// any other missing or misshapen parameter is an error that lists them.
+    pub fn load_init(&self, path: &Path) -> Result<String> {
+        let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("reading weights {}", path.display()))?;
+        for (name, var) in self.params.named() {
+            let Some(t) = tensors.get(&name).cloned() else {
+                continue;
+            };
+            if t.dims() == var.dims() {
+                continue;
+            }
+            let fixed = if t.rank() == 4
+                && var.rank() == 4
+                && t.dim(1)? == 3
+                && var.dim(1)? == 1
+                && t.dim(0)? == var.dim(0)?
+            {
+                Some(t.sum_keepdim(1)?)
+            } else if name == "pos_embed" {
+                Some(interpolate_pos_embed(&t, var.dim(1)?)?)
+            } else {
+                None
+            };
+            if let Some(f) = fixed {
+                tensors.insert(name, f);
+            }
+        }
+        for name in self
+            .params
+            .named()
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| self.is_head(n))
+        {
+            tensors.remove(&name);
+        }
+        let report = self
+            .params
+            .load_tensors(&tensors, |k| k.ends_with("num_batches_tracked"))?;
+        let missing: Vec<&String> = report
+            .missing
+            .iter()
+            .filter(|n| !self.is_head(n) && !n.starts_with("norm."))
+            .collect();
+        if !missing.is_empty() || !report.mismatched.is_empty() {
+            bail!(
+                "weights {} do not fit a {} backbone: {}",
+                path.display(),
+                self.desc.arch,
+                report.describe()
+            );
+        }
+        Ok(report.describe())
+    }
+}
+
+/// Bilinear resize of the patch-grid part of a [1, prefix + g*g, D] position embedding to
+/// `tokens` rows (the cls row is kept).
+fn interpolate_pos_embed(t: &Tensor, tokens: usize) -> Result<Tensor> {
+    let (_, n, d) = t.dims3()?;
+    let prefix = if (n as f64 - 1.0).sqrt().fract() == 0.0 {
+        1
+    } else {
+        0
+    };
+    let (g_in, g_out) = (
+        ((n - prefix) as f64).sqrt() as usize,
+        ((tokens - prefix) as f64).sqrt() as usize,
+    );
+    if g_in * g_in + prefix != n || g_out * g_out + prefix != tokens {
+        bail!("cannot interpolate a position embedding of {n} tokens to {tokens}");
+    }
+    let grid: Vec<f32> = t
+        .narrow(1, prefix, n - prefix)?
+        .squeeze(0)?
+        .t()?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut out = Vec::with_capacity(d * g_out * g_out);
+    for c in 0..d {
+        out.extend(crate::nn::gradcam::resize_bilinear(
+            &grid[c * g_in * g_in..(c + 1) * g_in * g_in],
+            (g_in, g_in),
+            (g_out, g_out),
+        ));
+    }
+    let patches = Tensor::from_vec(out, (d, g_out * g_out), t.device())?
+        .t()?
+        .unsqueeze(0)?;
+    Ok(if prefix == 1 {
+        Tensor::cat(&[&t.narrow(1, 0, 1)?, &patches], 1)?
+    } else {
+        patches
+    })
+}
+
+/// `model.json` beside `model.safetensors`: enough to rebuild and use the network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub net: NetDesc,
+    pub classes: Vec<String>,
+    pub mean: f32,
+    pub std: f32,
+    #[serde(default)]
+    pub best_epoch: usize,
+}
+
+impl ModelCard {
+    pub fn read(dir: &Path) -> Result<(ModelCard, Net)> {
+        let card_path = dir.join("model.json");
+        let card: ModelCard = serde_json::from_str(
+            &std::fs::read_to_string(&card_path)
+                .with_context(|| format!("reading {}", card_path.display()))?,
+        )
+        .with_context(|| format!("{} is not a pretext model card", card_path.display()))?;
+        let net = Net::build(&card.net, 0, &Device::Cpu)?;
+        let report = net
+            .params
+            .load_safetensors(&dir.join("model.safetensors"), |_| false)?;
+        if !report.is_clean() {
+            bail!(
+                "{}: {}",
+                dir.join("model.safetensors").display(),
+                report.describe()
+            );
+        }
+        Ok((card, net))
+    }
+}
+
+/// Loads a safetensors file's tensors (for callers outside the nn layer).
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))
+}

@@ -1,0 +1,398 @@
+//! `kind: proxy`: self-supervised proxy tasks that train an encoder without labels.
+//!
+//! - `rotation`: each image appears at 0/90/180/270 degrees in the same batch; predict the angle.
+//! - `jigsaw`: 3x3 tiles (cropped with jitter so edges cannot be matched) are shuffled by one of
+//!   `jigsaw_perms` permutations chosen for maximal Hamming distance; predict which. The shuffled
+//!   tiles are reassembled into one image, so CNNs and ViTs take it unchanged.
+//! - `exemplar`: every image is its own class under heavy augmentation (surrogate classes).
+//! - `contrastive`: SimCLR, two augmented views per image, NT-Xent loss with a temperature.
+
+use super::fit::{
+    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, ImageSet, OptimSpec,
+};
+use super::net::{Net, NetDesc};
+use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
+use crate::data::augment::{crop_resize, jigsaw_tiles, rotate90, Grey};
+use crate::data::decode::OnBadImage;
+use crate::data::loader::{self, Normalize, TrainAug};
+use crate::data::source::Split;
+use crate::nn::ops::cross_entropy;
+use crate::nn::tap::Taps;
+use crate::rng::Rng;
+use crate::train::schedule::scaled_lr;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub struct Proxy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyKind {
+    Rotation,
+    Jigsaw,
+    Exemplar,
+    Contrastive,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    pub task: ProxyKind,
+    #[serde(default = "d_model")]
+    pub model: String,
+    #[serde(default)]
+    pub vit_dims: Option<[usize; 3]>,
+    #[serde(default)]
+    pub densenet_dims: Option<Vec<usize>>,
+    #[serde(default = "d_img")]
+    pub img_size: usize,
+    #[serde(default = "d_patch")]
+    pub patch: usize,
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// Images per batch (rotation puts 4 samples per image in it, contrastive 2).
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    #[serde(default = "d_blr")]
+    pub blr: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup_epochs: f64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_crop")]
+    pub crop_scale: (f64, f64),
+    #[serde(default = "d_perms")]
+    pub jigsaw_perms: usize,
+    /// Pixels of random offset inside each jigsaw cell.
+    #[serde(default = "d_jitter")]
+    pub jigsaw_jitter: usize,
+    #[serde(default = "d_temp")]
+    pub temperature: f64,
+    #[serde(default = "d_proj")]
+    pub projection_dim: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub max_images: Option<usize>,
+    #[serde(default)]
+    pub on_bad_image: OnBadImage,
+}
+
+fn d_model() -> String {
+    "vit_tiny".into()
+}
+fn d_img() -> usize {
+    64
+}
+fn d_patch() -> usize {
+    8
+}
+fn d_epochs() -> usize {
+    5
+}
+fn d_batch() -> usize {
+    32
+}
+fn d_blr() -> f64 {
+    1e-3
+}
+fn d_warmup() -> f64 {
+    1.0
+}
+fn d_wd() -> f64 {
+    0.05
+}
+fn d_crop() -> (f64, f64) {
+    (0.5, 1.0)
+}
+fn d_perms() -> usize {
+    30
+}
+fn d_jitter() -> usize {
+    2
+}
+fn d_temp() -> f64 {
+    0.2
+}
+fn d_proj() -> usize {
+    64
+}
+
+/// Permutations of `n` tiles chosen greedily for maximal minimum Hamming distance (Noroozi &
+/// Favaro), from seeded random candidates; the identity comes first.
+pub fn hamming_permutations(n: usize, count: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = Rng::new(seed);
+    let mut set = vec![(0..n).collect::<Vec<usize>>()];
+    let hamming = |a: &[usize], b: &[usize]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+    while set.len() < count {
+        let mut best: Option<(usize, Vec<usize>)> = None;
+        for _ in 0..200 {
+            let mut cand: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut cand);
+            let d = set.iter().map(|s| hamming(s, &cand)).min().unwrap_or(n);
+            if best.as_ref().is_none_or(|(bd, _)| d > *bd) {
+                best = Some((d, cand));
+            }
+        }
+        set.push(best.expect("candidates").1);
+    }
+    set
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct History {
+    loss: Vec<f64>,
+    accuracy: Vec<f64>,
+}
+
+/// NT-Xent over 2N embeddings laid out as pairs (2i, 2i+1).
+fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
+    let n2 = z.dim(0)?;
+    let norm = z
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-8, f64::MAX)?;
+    let z = z.broadcast_div(&norm)?;
+    let sim = (z.matmul(&z.t()?)? / temperature)?;
+    let eye = Tensor::eye(n2, DType::F32, z.device())?;
+    let sim = (sim - (eye * 1e9)?)?;
+    let targets: Vec<u32> = (0..n2 as u32).map(|i| i ^ 1).collect();
+    Ok(cross_entropy(
+        &sim,
+        &Tensor::new(targets.as_slice(), z.device())?,
+        0.0,
+    )?)
+}
+
+impl Task for Proxy {
+    const KIND: &'static str = "proxy";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "self-supervised proxy task (rotation, jigsaw, exemplar, contrastive) that trains an encoder";
+    type Params = Params;
+
+    fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
+        Some(vec![
+            InputSlot {
+                name: "images",
+                required: true,
+                many: false,
+                doc: "a data folder (labels unused)",
+            },
+            InputSlot {
+                name: "init",
+                required: false,
+                many: false,
+                doc: "an encoder to start from (e.g. `chest_mae.encoder`)",
+            },
+        ])
+    }
+
+    fn outputs(_: &Params) -> Vec<OutputSlot> {
+        vec![OutputSlot {
+            name: "encoder",
+            path: "encoder.safetensors",
+            doc: "the trained backbone without the proxy head",
+        }]
+    }
+
+    fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
+        let dev = Device::Cpu;
+        let set = ImageSet::open(
+            inputs.item("images")?,
+            p.img_size,
+            0.0,
+            p.seed,
+            p.max_images,
+            p.on_bad_image,
+            ctx,
+        )?;
+        let mut train = set.split(Split::Train).to_vec();
+        train.extend_from_slice(set.split(Split::Val));
+        if train.len() < 2 {
+            bail!(
+                "{}: a proxy task needs at least two images",
+                inputs.path("images")?.display()
+            );
+        }
+        let (mean, std) = set.decoded.stats(&train);
+        let norm = Normalize { mean, std };
+        let perms = Arc::new(hamming_permutations(
+            9,
+            p.jigsaw_perms.max(2),
+            p.seed ^ 0x7165,
+        ));
+        let outputs = match p.task {
+            ProxyKind::Rotation => 4,
+            ProxyKind::Jigsaw => perms.len(),
+            ProxyKind::Exemplar => train.len(),
+            ProxyKind::Contrastive => p.projection_dim,
+        };
+        let desc = NetDesc {
+            arch: p.model.clone(),
+            img_size: p.img_size,
+            patch: p.patch,
+            vit_dims: p.vit_dims,
+            densenet_dims: p.densenet_dims.clone(),
+            drop_path: 0.0,
+            num_classes: outputs,
+        };
+        let net = Net::build(&desc, p.seed, &dev)?;
+        if let Some(init) = inputs.optional_path("init") {
+            let note = net.load_init(init)?;
+            ctx.log(&format!("initialised from {} {note}", init.display()));
+        }
+        let mut opt = super::fit::optimizer(
+            &net.params,
+            &OptimSpec {
+                weight_decay: p.weight_decay,
+                betas: (0.9, 0.999),
+                layer_decay: None,
+                only: None,
+            },
+        );
+        let sched = schedule(scaled_lr(p.blr, p.batch), 1e-6, p.warmup_epochs, p.epochs);
+        let (start, mut h) =
+            load_checkpoint::<History>(&ctx.checkpoint_dir, &net.params, &mut opt)?
+                .unwrap_or_default();
+        let strong = TrainAug {
+            crop_scale: if p.task == ProxyKind::Rotation || p.task == ProxyKind::Jigsaw {
+                p.crop_scale
+            } else {
+                (0.2, 1.0)
+            },
+            center_bias: 0.0,
+            hflip: p.task != ProxyKind::Rotation,
+            randaug: matches!(p.task, ProxyKind::Exemplar | ProxyKind::Contrastive)
+                .then_some((2, 9.0)),
+        };
+        let d = Arc::new(set.decoded.clone());
+        let steps = train.len().div_ceil(p.batch);
+        for epoch in start..p.epochs {
+            let (dd, t, size, task, perms) =
+                (d.clone(), train.clone(), p.img_size, p.task, perms.clone());
+            let jitter = p.jigsaw_jitter;
+            let rx = loader::epoch(
+                train.len(),
+                p.batch,
+                true,
+                false,
+                p.seed,
+                epoch as u64,
+                size,
+                move |i, rng| {
+                    let v = loader::view(&dd, t[i], size, Some(&strong), rng);
+                    match task {
+                        ProxyKind::Rotation => (0..4)
+                            .map(|k| (norm.apply(rotate90(&v, k)), k as u32))
+                            .collect(),
+                        ProxyKind::Jigsaw => {
+                            let which = rng.below(perms.len());
+                            let tile = size / 3;
+                            let tiles = jigsaw_tiles(&v, 3, tile, jitter, rng);
+                            let mut img = Grey {
+                                size,
+                                px: vec![0.0; size * size],
+                            };
+                            for (slot, &src) in perms[which].iter().enumerate() {
+                                let (oy, ox) = ((slot / 3) * tile, (slot % 3) * tile);
+                                for y in 0..tile {
+                                    for x in 0..tile {
+                                        img.px[(oy + y) * size + ox + x] =
+                                            tiles[src].px[y * tile + x];
+                                    }
+                                }
+                            }
+                            vec![(norm.apply(img), which as u32)]
+                        }
+                        ProxyKind::Exemplar => vec![(norm.apply(v), i as u32)],
+                        ProxyKind::Contrastive => {
+                            let w = loader::view(&dd, t[i], size, Some(&strong), rng);
+                            vec![
+                                (norm.apply(v), 0),
+                                (
+                                    norm.apply(crop_resize(
+                                        &w,
+                                        0.0,
+                                        0.0,
+                                        size as f32,
+                                        size as f32,
+                                        size,
+                                    )),
+                                    0,
+                                ),
+                            ]
+                        }
+                    }
+                },
+            );
+            let (mut sum, mut count, mut correct) = (0.0, 0usize, 0usize);
+            let mut rng = Rng::stream(p.seed, epoch as u64, 0x9B0C);
+            for (step, b) in rx.iter().enumerate() {
+                if ctx.cancelled() {
+                    bail!("cancelled");
+                }
+                let (x, y) = batch_tensors(&b, &dev)?;
+                let logits = net.logits(&x, Some(&mut rng), &mut Taps::none())?;
+                let loss = match p.task {
+                    ProxyKind::Contrastive => nt_xent(&logits, p.temperature)?,
+                    _ => {
+                        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                        correct += pred.iter().zip(&b.y).filter(|(a, b)| a == b).count();
+                        cross_entropy(&logits, &y, 0.0)?
+                    }
+                };
+                let value = finite(scalar(&loss)?, epoch, step)?;
+                let grads = loss.backward()?;
+                opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
+                sum += value * b.n as f64;
+                count += b.n;
+                ctx.report(
+                    (epoch * steps + step + 1) as u64,
+                    (p.epochs * steps) as u64,
+                    format!(
+                        "epoch {}/{} loss {:.4}",
+                        epoch + 1,
+                        p.epochs,
+                        sum / count as f64
+                    ),
+                );
+            }
+            h.loss.push(sum / count.max(1) as f64);
+            h.accuracy.push(correct as f64 / count.max(1) as f64);
+            ctx.log(&format!(
+                "epoch {} loss {:.4} proxy accuracy {:.3}",
+                epoch + 1,
+                h.loss[epoch],
+                h.accuracy[epoch]
+            ));
+            save_checkpoint(&ctx.checkpoint_dir, &net.params, &opt, &h, epoch + 1)?;
+        }
+        net.save_encoder(&ctx.out_dir.join("encoder.safetensors"))?;
+        Ok(
+            json!({ "task": p.task, "loss": h.loss, "proxy_accuracy": if p.task == ProxyKind::Contrastive { Value::Null } else { json!(h.accuracy) }, "images": train.len() }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutations_are_distinct_and_spread() {
+        let p = hamming_permutations(9, 30, 1);
+        assert_eq!(p.len(), 30);
+        for (i, a) in p.iter().enumerate() {
+            for b in &p[i + 1..] {
+                assert!(
+                    a.iter().zip(b).filter(|(x, y)| x != y).count() >= 5,
+                    "permutations too close"
+                );
+            }
+        }
+    }
+}
