@@ -127,37 +127,28 @@ pub fn open_store(flag: Option<&Path>, project_root: &Path) -> Result<Store> {
     Store::open(&dir).with_context(|| format!("opening the cache at {}", dir.display()))
 }
 
-/// Keys of the selected stages; a blocked stage (missing data) is a usage error naming it.
-pub fn require_keys(loaded: &Loaded) -> Result<Vec<Keyed>> {
+/// Keys of the selected stages. A stage whose key cannot be computed (a data input is missing)
+/// is deselected with everything downstream of it, and returned with the reason so the run can
+/// report it and go on with the rest.
+pub fn keys_or_blocked(loaded: &mut Loaded) -> (Vec<Keyed>, Vec<(String, String)>) {
     let keys = stage_keys(&loaded.plan, &loaded.store, &loaded.selected);
     let mut out = Vec::with_capacity(keys.len());
-    let mut problems = Vec::new();
+    let mut blocked = Vec::new();
     for (i, k) in keys.into_iter().enumerate() {
         match k {
             Ok(k) => out.push(k),
             Err(reason) => {
-                if loaded.selected[i] && !reason.starts_with("upstream") {
+                if loaded.selected[i] {
                     let s = &loaded.plan.stages[i];
-                    problems.push(format!(
-                        "stage `{}` ({}:{}): {reason}",
-                        s.name,
-                        s.file.display(),
-                        s.line.unwrap_or(0)
-                    ));
+                    blocked.push((s.name.clone(), format!("blocked: {reason} ({}:{})", s.file.display(), s.line.unwrap_or(0))));
+                    loaded.selected[i] = false;
                 }
-                // Placeholder for unselected or blocked stages; never run.
-                out.push(Keyed {
-                    key: crate::cache::StageKey::of(b""),
-                    input: placeholder_input(),
-                });
+                // Never run: a placeholder keeps indices aligned.
+                out.push(Keyed { key: crate::cache::StageKey::of(b""), input: placeholder_input() });
             }
         }
     }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(UsageError(format!("cannot run: a data input is missing\n  {}\n  = help: fix the `path:` under `data:` or the `file:` reference", problems.join("\n  "))).into())
-    }
+    (out, blocked)
 }
 
 fn placeholder_input() -> crate::cache::KeyInput {

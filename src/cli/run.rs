@@ -1,7 +1,7 @@
-use super::{require_keys, view, PipelineArgs, UsageError};
+use super::{keys_or_blocked, view, PipelineArgs, UsageError};
 use crate::exec::cached::Local;
 use crate::exec::cached::Outcome;
-use crate::exec::events::EventSink;
+use crate::exec::events::{Event, EventSink};
 use crate::exec::scheduler::{Status, WalkOptions};
 use crate::exec::{run_plan, RunOptions};
 use crate::tasks::Catalog;
@@ -39,8 +39,8 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
-    let loaded = args.pipeline.load(catalog)?;
-    let keys = require_keys(&loaded)?;
+    let mut loaded = args.pipeline.load(catalog)?;
+    let (keys, blocked) = keys_or_blocked(&mut loaded);
     let mut force = vec![false; loaded.plan.stages.len()];
     for name in &args.force {
         let hits: Vec<usize> = (0..force.len())
@@ -91,6 +91,9 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         human = view::Human::new(args.verbose);
         &human
     };
+    for (stage, reason) in &blocked {
+        sink.emit(Event::StageSkipped { stage: stage.clone(), reason: reason.clone() });
+    }
     let status = run_plan(
         &loaded.plan,
         &keys,
@@ -100,8 +103,9 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         &opts,
         sink,
     );
-    let failed = status
-        .iter()
+    let failed = !blocked.is_empty()
+        || status
+            .iter()
         .any(|s| matches!(s, Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)));
     Ok(if failed {
         ExitCode::from(1)

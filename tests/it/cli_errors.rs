@@ -77,9 +77,16 @@ fn missing_data_entry_suggests() {
 }
 
 #[test]
-fn missing_data_folder_names_the_stage() {
-    let e = error_of("data:\n  chest: { path: data/nowhere }\nstages:\n  a:\n    kind: command\n    run: 'true'\n    inputs: { x: data.chest }\n");
-    assert!(e.contains("stage `a`") && e.contains("nowhere"), "{e}");
+fn missing_data_blocks_its_stages_and_the_rest_runs() {
+    let p = Project::new();
+    p.write("pipelines/m.yaml", "data:\n  chest: { path: data/nowhere }\nstages:\n  a:\n    kind: command\n    run: 'true'\n    inputs: { x: data.chest }\n  after_a:\n    kind: command\n    run: 'true'\n    inputs: { x: a.out }\n  b:\n    kind: command\n    run: echo b > $PRETEXT_OUT/b\n");
+    let r = p.run(&["run", "pipelines/m.yaml"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("skipped  a: blocked") && r.stderr.contains("nowhere") && r.stderr.contains("m.yaml:4"), "{}", r.stderr);
+    assert!(r.stderr.contains("skipped  after_a: blocked: upstream `a` is blocked"), "{}", r.stderr);
+    assert!(r.stderr.contains("done     b"), "{}", r.stderr);
+    let st = p.run(&["status", "pipelines/m.yaml"]);
+    assert!(st.stdout.contains("blocked") && st.stdout.contains("nowhere"), "{}", st.stdout);
 }
 
 #[test]
