@@ -4,6 +4,7 @@
 //! bad flags.
 
 mod dag;
+mod data;
 mod gc;
 mod run;
 mod show;
@@ -34,6 +35,7 @@ const EXAMPLES: &str = "Examples:
   pretext dag PIPELINE --format mermaid                      the stage graph
   pretext show finetune --pipeline PIPELINE                  params, lineage, metrics, files
   pretext kinds                                              stage kinds, their inputs and outputs
+  pretext data inspect data/shoulder-implant                 counts, sizes, bit depths, bad files
 
 Exit codes: 0 ok, 1 a stage failed, 2 bad pipeline file or flags.
 Environment: PRETEXT_CACHE sets the cache folder (default: cache/ in the project root).";
@@ -61,6 +63,8 @@ enum Command {
     Verify(gc::VerifyArgs),
     /// List the stage kinds with their inputs and outputs.
     Kinds,
+    /// Look at data folders before training on them.
+    Data(data::DataArgs),
 }
 
 /// Flags shared by every command that reads a pipeline.
@@ -140,11 +144,21 @@ pub fn keys_or_blocked(loaded: &mut Loaded) -> (Vec<Keyed>, Vec<(String, String)
             Err(reason) => {
                 if loaded.selected[i] {
                     let s = &loaded.plan.stages[i];
-                    blocked.push((s.name.clone(), format!("blocked: {reason} ({}:{})", s.file.display(), s.line.unwrap_or(0))));
+                    blocked.push((
+                        s.name.clone(),
+                        format!(
+                            "blocked: {reason} ({}:{})",
+                            s.file.display(),
+                            s.line.unwrap_or(0)
+                        ),
+                    ));
                     loaded.selected[i] = false;
                 }
                 // Never run: a placeholder keeps indices aligned.
-                out.push(Keyed { key: crate::cache::StageKey::of(b""), input: placeholder_input() });
+                out.push(Keyed {
+                    key: crate::cache::StageKey::of(b""),
+                    input: placeholder_input(),
+                });
             }
         }
     }
@@ -177,6 +191,7 @@ pub fn main() -> ExitCode {
         Command::Show(a) => show::show(a, &catalog),
         Command::Gc(a) => gc::gc(a, &catalog),
         Command::Verify(a) => gc::verify(a),
+        Command::Data(a) => data::data(a),
         Command::Kinds => {
             print!("{}", kinds_text(&catalog));
             Ok(ExitCode::SUCCESS)

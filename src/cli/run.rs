@@ -92,7 +92,10 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         &human
     };
     for (stage, reason) in &blocked {
-        sink.emit(Event::StageSkipped { stage: stage.clone(), reason: reason.clone() });
+        sink.emit(Event::StageSkipped {
+            stage: stage.clone(),
+            reason: reason.clone(),
+        });
     }
     let status = run_plan(
         &loaded.plan,
@@ -103,10 +106,22 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         &opts,
         sink,
     );
+    // Where to look: the pages of report stages that exist now.
+    for (i, stage) in loaded.plan.stages.iter().enumerate() {
+        if loaded.selected[i] && stage.kind == "report" {
+            if let Some(entry) = loaded.store.lookup(&stage.kind, &keys[i].key) {
+                eprintln!(
+                    "report ({}): {}",
+                    stage.name,
+                    entry.dir.join("index.html").display()
+                );
+            }
+        }
+    }
     let failed = !blocked.is_empty()
         || status
             .iter()
-        .any(|s| matches!(s, Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)));
+            .any(|s| matches!(s, Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)));
     Ok(if failed {
         ExitCode::from(1)
     } else {

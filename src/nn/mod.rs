@@ -6,6 +6,7 @@ pub mod cnn;
 pub mod densenet;
 pub mod gradcam;
 pub mod mae;
+pub mod masked_cnn;
 pub mod ops;
 pub mod params;
 pub mod pos_embed;

@@ -33,6 +33,17 @@ pub enum Mode {
     LinearProbe,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adamw,
+    Lars,
+}
+
+fn d_optimizer() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
@@ -48,6 +59,9 @@ pub struct Params {
     pub patch: usize,
     #[serde(default = "d_mode")]
     pub mode: Mode,
+    /// `adamw`, or `lars` (MAE's choice for linear probes).
+    #[serde(default = "d_optimizer")]
+    pub optimizer: OptimizerKind,
     #[serde(default = "d_epochs")]
     pub epochs: usize,
     #[serde(default = "d_batch")]
@@ -332,6 +346,7 @@ impl Task for Finetune {
                 } else {
                     None
                 },
+                lars: p.optimizer == OptimizerKind::Lars,
             },
         );
         let sched = schedule(
@@ -392,11 +407,7 @@ impl Task for Finetune {
                 let value = finite(scalar(&loss)?, epoch, step)?;
                 let mut grads = loss.backward()?;
                 if let Some(max) = p.clip_grad {
-                    clip_grad_norm(
-                        &mut grads,
-                        opt.vars().cloned().collect::<Vec<_>>().iter(),
-                        max,
-                    )?;
+                    clip_grad_norm(&mut grads, opt.vars().iter(), max)?;
                 }
                 lr = sched.lr(epoch as f64 + step as f64 / steps as f64);
                 opt.step(&grads, lr)?;

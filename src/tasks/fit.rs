@@ -6,6 +6,7 @@ use crate::data::decode::{decode_all, Decoded, OnBadImage};
 use crate::data::loader::Batch;
 use crate::data::source::{self, Dataset, Split};
 use crate::nn::params::ParamStore;
+use crate::train::lars::Lars;
 use crate::train::lr_decay::param_groups_lrd;
 use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::train::schedule::WarmupCosine;
@@ -121,11 +122,13 @@ pub struct OptimSpec<'a> {
     pub layer_decay: Option<(f64, usize)>,
     /// Train only these parameters (a linear probe trains the head alone).
     pub only: Option<&'a dyn Fn(&str) -> bool>,
+    /// LARS instead of AdamW (linear probes).
+    pub lars: bool,
 }
 
 /// AdamW groups: no decay for 1-D parameters, position embeddings and tokens; layer-wise decay
 /// for ViTs when asked. BatchNorm running statistics are not parameters and are left out.
-pub fn optimizer(params: &ParamStore, spec: &OptimSpec) -> AdamW {
+pub fn optimizer(params: &ParamStore, spec: &OptimSpec) -> Optim {
     let named: Vec<(String, candle_core::Var)> = params
         .named()
         .into_iter()
@@ -157,14 +160,18 @@ pub fn optimizer(params: &ParamStore, spec: &OptimSpec) -> AdamW {
         (g.lr_scale, g.weight_decay) = (s.lr_scale, s.weight_decay);
         g.params.push((s.name.clone(), var));
     }
-    AdamW::new(
+    if spec.lars {
+        let params = groups.into_iter().flat_map(|g| g.params).collect();
+        return Optim::Lars(Lars::new(params, spec.weight_decay));
+    }
+    Optim::AdamW(AdamW::new(
         AdamWConfig {
             beta1: spec.betas.0,
             beta2: spec.betas.1,
             eps: 1e-8,
         },
         groups,
-    )
+    ))
 }
 
 pub fn schedule(lr: f64, min_lr: f64, warmup_epochs: f64, epochs: usize) -> WarmupCosine {
@@ -176,12 +183,65 @@ pub fn schedule(lr: f64, min_lr: f64, warmup_epochs: f64, epochs: usize) -> Warm
     }
 }
 
+/// The optimisers a stage can train with.
+pub enum Optim {
+    AdamW(AdamW),
+    /// For linear probes, as MAE's recipe.
+    Lars(Lars),
+}
+
+impl Optim {
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
+        match self {
+            Optim::AdamW(o) => o.step(grads, lr)?,
+            Optim::Lars(o) => o.step(grads, lr)?,
+        }
+        Ok(())
+    }
+
+    pub fn vars(&self) -> Vec<candle_core::Var> {
+        match self {
+            Optim::AdamW(o) => o.vars().cloned().collect(),
+            Optim::Lars(o) => o.params.iter().map(|(_, v)| v.clone()).collect(),
+        }
+    }
+
+    /// (name, tensors, step) of the optimiser's state, for checkpoints.
+    fn state(&self) -> Vec<(String, Vec<Tensor>, u64)> {
+        match self {
+            Optim::AdamW(o) => o
+                .state
+                .iter()
+                .map(|(n, (m, v, t))| (n.clone(), vec![m.clone(), v.clone()], *t))
+                .collect(),
+            Optim::Lars(o) => o
+                .state
+                .iter()
+                .map(|(n, mu)| (n.clone(), vec![mu.clone()], 0))
+                .collect(),
+        }
+    }
+
+    fn restore(&mut self, name: &str, tensors: Vec<Tensor>, step: u64) {
+        match (self, tensors.as_slice()) {
+            (Optim::AdamW(o), [m, v]) => {
+                o.state
+                    .insert(name.to_owned(), (m.clone(), v.clone(), step));
+            }
+            (Optim::Lars(o), [mu]) => {
+                o.state.insert(name.to_owned(), mu.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Saves model, optimiser state and loop state after an epoch. The JSON is written last and names
 /// the tensor file, so a kill between the two leaves the previous checkpoint valid.
 pub fn save_checkpoint<S: Serialize>(
     dir: &Path,
     params: &ParamStore,
-    opt: &AdamW,
+    opt: &Optim,
     state: &S,
     epoch: usize,
 ) -> Result<()> {
@@ -191,10 +251,11 @@ pub fn save_checkpoint<S: Serialize>(
         .map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone()))
         .collect();
     let mut steps = BTreeMap::new();
-    for (name, (m, v, t)) in &opt.state {
-        tensors.insert(format!("exp_avg.{name}"), m.clone());
-        tensors.insert(format!("exp_avg_sq.{name}"), v.clone());
-        steps.insert(name.clone(), *t);
+    for (name, state, t) in opt.state() {
+        for (k, tensor) in state.into_iter().enumerate() {
+            tensors.insert(format!("opt{k}.{name}"), tensor);
+        }
+        steps.insert(name, t);
     }
     let file = format!("epoch-{epoch}.safetensors");
     let tmp = tempfile::NamedTempFile::new_in(dir)?;
@@ -218,7 +279,7 @@ pub fn save_checkpoint<S: Serialize>(
 pub fn load_checkpoint<S: DeserializeOwned>(
     dir: &Path,
     params: &ParamStore,
-    opt: &mut AdamW,
+    opt: &mut Optim,
 ) -> Result<Option<(usize, S)>> {
     let meta_path = dir.join("checkpoint.json");
     let Ok(text) = std::fs::read_to_string(&meta_path) else {
@@ -246,16 +307,10 @@ pub fn load_checkpoint<S: DeserializeOwned>(
         );
     }
     for (name, step) in meta["steps"].as_object().into_iter().flatten() {
-        let (Some(m), Some(v)) = (
-            tensors.get(&format!("exp_avg.{name}")),
-            tensors.get(&format!("exp_avg_sq.{name}")),
-        ) else {
-            continue;
-        };
-        opt.state.insert(
-            name.clone(),
-            (m.clone(), v.clone(), step.as_u64().unwrap_or(0)),
-        );
+        let state: Vec<Tensor> = (0..)
+            .map_while(|k| tensors.get(&format!("opt{k}.{name}")).cloned())
+            .collect();
+        opt.restore(name, state, step.as_u64().unwrap_or(0));
     }
     let state: S = serde_json::from_value(meta["state"].clone())?;
     Ok(Some((meta["epoch"].as_u64().unwrap_or(0) as usize, state)))

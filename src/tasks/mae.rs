@@ -4,13 +4,14 @@
 //! upstream encoder (chest MAE -> shoulder MAE).
 
 use super::fit::{finite, load_checkpoint, save_checkpoint, scalar, schedule, ImageSet, OptimSpec};
-use super::net::NetDesc;
+use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::augment::Grey;
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
 use crate::data::source::Split;
-use crate::nn::mae::{masking_noise, Mae, MaeConfig, Masking};
+use crate::nn::mae::{masking_noise, plan_mask, Mae, MaeConfig, Masking};
+use crate::nn::masked_cnn::{masked_mse, pixel_mask, PixelHead};
 use crate::nn::params::ParamStore;
 use crate::nn::pos_embed::sincos_2d_tensor;
 use crate::rng::Rng;
@@ -35,11 +36,16 @@ pub enum MaskingKind {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    /// Encoder: `vit_tiny`, `vit_small`, `vit_base`, or `vit` with `vit_dims`.
+    /// Encoder: a ViT (`vit_tiny`, `vit_small`, `vit_base`, `vit` with `vit_dims`) gets the
+    /// official MAE; a CNN (`resnet18`, `densenet121`, ...) the masked-image variant of
+    /// `nn::masked_cnn` (masked patches zeroed, pixels reconstructed by a one-layer head).
     #[serde(default = "d_model")]
     pub model: String,
     #[serde(default)]
     pub vit_dims: Option<[usize; 3]>,
+    /// [growth, init_features, blocks...] for `model: densenet`.
+    #[serde(default)]
+    pub densenet_dims: Option<Vec<usize>>,
     #[serde(default = "d_img")]
     pub img_size: usize,
     #[serde(default = "d_patch")]
@@ -158,20 +164,20 @@ impl Params {
         }
     }
 
-    fn config(&self) -> Result<MaeConfig> {
-        let desc = NetDesc {
+    fn desc(&self) -> NetDesc {
+        NetDesc {
             arch: self.model.clone(),
             img_size: self.img_size,
             patch: self.patch,
             vit_dims: self.vit_dims,
-            densenet_dims: None,
+            densenet_dims: self.densenet_dims.clone(),
             drop_path: 0.0,
             num_classes: 0,
-        };
-        if !desc.is_vit() {
-            bail!("`mae` pretrains ViT encoders; `model: {}` is not one (use vit_tiny, vit_small, vit_base or vit)", self.model);
         }
-        let v = desc.vit_config()?;
+    }
+
+    fn config(&self) -> Result<MaeConfig> {
+        let v = self.desc().vit_config()?;
         if !(0.0..1.0).contains(&self.mask_ratio)
             || MaeConfig::len_keep(&mae_config(&v, self), self.mask_ratio) == 0
         {
@@ -250,195 +256,143 @@ impl Task for MaeTask {
     }
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
-        let cfg = p.config()?;
-        let dev = Device::Cpu;
-        let set = ImageSet::open(
-            inputs.item("images")?,
-            p.img_size,
-            0.0,
-            p.seed,
-            p.max_images,
-            p.on_bad_image,
-            ctx,
-        )?;
-        // Self-supervised: every image not held out for testing is training material.
-        let mut train: Vec<usize> = set.split(Split::Train).to_vec();
-        train.extend_from_slice(set.split(Split::Val));
-        if train.is_empty() {
-            bail!(
-                "{}: no images to pretrain on",
-                inputs.path("images")?.display()
-            );
+        if p.desc().is_vit() {
+            run_vit(p, inputs, ctx)
+        } else {
+            run_cnn(p, inputs, ctx)
         }
-        let (mean, std) = set.decoded.stats(&train);
-        let norm = Normalize { mean, std };
-
-        let params = ParamStore::seeded(p.seed);
-        let mae = Mae::new(&cfg, params.var_builder(&dev))?;
-        if let Some(init) = inputs.optional_path("init") {
-            let tensors = super::net::read_tensors(init)?;
-            let report = params.load_tensors(&tensors, |k| {
-                k == "pos_embed" || k.starts_with("head.") || k.starts_with("fc_norm.")
-            })?;
-            let missing: Vec<&String> = report
-                .missing
-                .iter()
-                .filter(|n| {
-                    !n.starts_with("decoder") && *n != "mask_token" && !n.starts_with("norm.")
-                })
-                .collect();
-            if !missing.is_empty() || !report.mismatched.is_empty() {
-                bail!(
-                    "init {} does not fit this MAE encoder: {}",
-                    init.display(),
-                    report.describe()
-                );
-            }
-            ctx.log(&format!("initialised the encoder from {}", init.display()));
-        }
-        let mut opt = super::fit::optimizer(
-            &params,
-            &OptimSpec {
-                weight_decay: p.weight_decay,
-                betas: (0.9, 0.95),
-                layer_decay: None,
-                only: None,
-            },
-        );
-        let lr = scaled_lr(p.blr, p.batch);
-        let sched = schedule(lr, p.min_lr, p.warmup_epochs, p.epochs);
-        let (start, mut history) =
-            match load_checkpoint::<History>(&ctx.checkpoint_dir, &params, &mut opt)? {
-                Some((done, h)) => {
-                    ctx.log(&format!("resuming after epoch {done} from the checkpoint"));
-                    (done, h)
-                }
-                None => (0, History::default()),
-            };
-        let aug = TrainAug {
-            crop_scale: p.crop_scale,
-            center_bias: 0.0,
-            hflip: true,
-            randaug: None,
-        };
-        let decoded = std::sync::Arc::new(set.decoded.clone());
-        let steps = train.len().div_ceil(p.batch);
-        let masking = p.masking();
-        for epoch in start..p.epochs {
-            let (d, t, size) = (decoded.clone(), train.clone(), p.img_size);
-            let rx = loader::epoch(
-                train.len(),
-                p.batch,
-                true,
-                false,
-                p.seed,
-                epoch as u64,
-                size,
-                move |item, rng| {
-                    vec![(
-                        norm.apply(loader::view(&d, t[item], size, Some(&aug), rng)),
-                        0,
-                    )]
-                },
-            );
-            let (mut sum, mut count) = (0.0, 0usize);
-            for (step, b) in rx.iter().enumerate() {
-                if ctx.cancelled() {
-                    bail!("cancelled");
-                }
-                let x = Tensor::from_slice(&b.x, (b.n, 1, size, size), &dev)?;
-                let mut rng = Rng::stream(p.seed, epoch as u64, 0x3A5C_0000 + step as u64);
-                let noise =
-                    masking_noise(masking, b.n, cfg.grid(), p.mask_ratio, &mut || rng.f64());
-                let out = mae.forward(&x, &noise, p.mask_ratio)?;
-                let loss = finite(scalar(&out.loss)?, epoch, step)?;
-                let grads = out.loss.backward()?;
-                opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
-                sum += loss * b.n as f64;
-                count += b.n;
-                ctx.report(
-                    (epoch * steps + step + 1) as u64,
-                    (p.epochs * steps) as u64,
-                    format!(
-                        "epoch {}/{} loss {:.4}",
-                        epoch + 1,
-                        p.epochs,
-                        sum / count as f64
-                    ),
-                );
-            }
-            history.loss.push(sum / count.max(1) as f64);
-            ctx.log(&format!(
-                "epoch {} loss {:.4}",
-                epoch + 1,
-                history.loss.last().unwrap()
-            ));
-            save_checkpoint(&ctx.checkpoint_dir, &params, &opt, &history, epoch + 1)?;
-        }
-
-        // Outputs: the encoder in timm names (with its fixed sin-cos position embedding, which a
-        // fine-tuned ViT starts its learned one from), the whole MAE, and reconstructions.
-        let mut encoder: HashMap<String, Tensor> = params
-            .named()
-            .into_iter()
-            .filter(|(n, _)| !n.starts_with("decoder") && n != "mask_token")
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
-        encoder.insert(
-            "pos_embed".into(),
-            sincos_2d_tensor(cfg.embed_dim, cfg.grid(), true, &dev)?,
-        );
-        candle_core::safetensors::save(&encoder, ctx.out_dir.join("encoder.safetensors"))?;
-        params.save_safetensors(&ctx.out_dir.join("mae.safetensors"), |_| true)?;
-        let shown: Vec<usize> = train.iter().copied().take(p.recon_images.max(1)).collect();
-        reconstructions(
-            &mae,
-            &set,
-            &shown,
-            norm,
-            p,
-            &ctx.out_dir.join("reconstructions.png"),
-        )?;
-        Ok(
-            json!({ "loss": history.loss, "final_loss": history.loss.last(), "images": train.len(), "mean": mean, "std": std,
-                   "skipped_images": set.decoded.skipped.len(), "mask_ratio": p.mask_ratio, "masking": p.masking }),
-        )
     }
 }
 
-/// Rows of original | masked | reconstruction | reconstruction with the visible patches pasted.
-fn reconstructions(
-    mae: &Mae,
-    set: &ImageSet,
-    shown: &[usize],
-    norm: Normalize,
+/// Images for self-supervised training (everything but the test split) and their statistics.
+fn pretraining_set(
     p: &Params,
-    path: &std::path::Path,
-) -> Result<()> {
-    let size = p.img_size;
-    let dev = Device::Cpu;
-    let x: Vec<f32> = shown
-        .iter()
-        .flat_map(|&i| {
-            norm.apply(Grey::from_u8(set.decoded.image(i), set.decoded.size))
-                .into_iter()
-                .take(size * size)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    if set.decoded.size != size {
-        bail!("decoded size mismatch");
+    inputs: &Inputs,
+    ctx: &StageCtx,
+) -> Result<(ImageSet, Vec<usize>, Normalize)> {
+    let set = ImageSet::open(
+        inputs.item("images")?,
+        p.img_size,
+        0.0,
+        p.seed,
+        p.max_images,
+        p.on_bad_image,
+        ctx,
+    )?;
+    let mut train: Vec<usize> = set.split(Split::Train).to_vec();
+    train.extend_from_slice(set.split(Split::Val));
+    if train.is_empty() {
+        bail!(
+            "{}: no images to pretrain on",
+            inputs.path("images")?.display()
+        );
     }
-    let n = shown.len();
-    let imgs = Tensor::from_vec(x, (n, 1, size, size), &dev)?;
+    let (mean, std) = set.decoded.stats(&train);
+    Ok((set, train, Normalize { mean, std }))
+}
+
+/// One pretraining epoch's batches: augmented, normalised views.
+fn epoch_batches(
+    p: &Params,
+    set: &ImageSet,
+    train: &[usize],
+    norm: Normalize,
+    epoch: usize,
+) -> std::sync::mpsc::Receiver<crate::data::loader::Batch> {
+    let aug = TrainAug {
+        crop_scale: p.crop_scale,
+        center_bias: 0.0,
+        hflip: true,
+        randaug: None,
+    };
+    let (d, t, size) = (
+        std::sync::Arc::new(set.decoded.clone()),
+        train.to_vec(),
+        p.img_size,
+    );
+    loader::epoch(
+        train.len(),
+        p.batch,
+        true,
+        false,
+        p.seed,
+        epoch as u64,
+        size,
+        move |item, rng| {
+            vec![(
+                norm.apply(loader::view(&d, t[item], size, Some(&aug), rng)),
+                0,
+            )]
+        },
+    )
+}
+
+fn masks(p: &Params, n: usize, grid: usize, epoch: usize, step: usize) -> Vec<f32> {
+    let mut rng = Rng::stream(p.seed, epoch as u64, 0x3A5C_0000 + step as u64);
+    masking_noise(p.masking(), n, grid, p.mask_ratio, &mut || rng.f64())
+}
+
+fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
+    let cfg = p.config()?;
+    let dev = Device::Cpu;
+    let (set, train, norm) = pretraining_set(p, inputs, ctx)?;
+    let params = ParamStore::seeded(p.seed);
+    let mae = Mae::new(&cfg, params.var_builder(&dev))?;
+    if let Some(init) = inputs.optional_path("init") {
+        let tensors = super::net::read_tensors(init)?;
+        let report = params.load_tensors(&tensors, |k| {
+            k == "pos_embed" || k.starts_with("head.") || k.starts_with("fc_norm.")
+        })?;
+        let missing: Vec<&String> = report
+            .missing
+            .iter()
+            .filter(|n| !n.starts_with("decoder") && *n != "mask_token" && !n.starts_with("norm."))
+            .collect();
+        if !missing.is_empty() || !report.mismatched.is_empty() {
+            bail!(
+                "init {} does not fit this MAE encoder: {}",
+                init.display(),
+                report.describe()
+            );
+        }
+        ctx.log(&format!("initialised the encoder from {}", init.display()));
+    }
+    let history = train_loop(
+        p,
+        &set,
+        &train,
+        norm,
+        &params,
+        ctx,
+        |x, epoch, step, _rng| {
+            let noise = masks(p, x.dim(0)?, cfg.grid(), epoch, step);
+            Ok(mae.forward(x, &noise, p.mask_ratio)?.loss)
+        },
+    )?;
+    // The encoder in timm names, with its fixed sin-cos position embedding, which a fine-tuned
+    // ViT starts its learned one from.
+    let mut encoder: HashMap<String, Tensor> = params
+        .named()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("decoder") && n != "mask_token")
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    encoder.insert(
+        "pos_embed".into(),
+        sincos_2d_tensor(cfg.embed_dim, cfg.grid(), true, &dev)?,
+    );
+    candle_core::safetensors::save(&encoder, ctx.out_dir.join("encoder.safetensors"))?;
+    params.save_safetensors(&ctx.out_dir.join("mae.safetensors"), |_| true)?;
+
+    let shown = shown_images(p, &set, &train, norm)?;
+    let n = shown.dim(0)?;
     let mut rng = Rng::new(p.seed ^ 0x5EC0);
-    let grid = size / p.patch;
-    let noise = masking_noise(p.masking(), n, grid, p.mask_ratio, &mut || rng.f64());
-    let out = mae.forward(&imgs, &noise, p.mask_ratio)?;
+    let noise = masking_noise(p.masking(), n, cfg.grid(), p.mask_ratio, &mut || rng.f64());
+    let out = mae.forward(&shown, &noise, p.mask_ratio)?;
     let mut pred = out.pred.clone();
     if p.norm_pix_loss {
         // Undo the per-patch normalisation with the target's own statistics, as MAE's demo does.
-        let target = mae.patchify(&imgs)?;
+        let target = mae.patchify(&shown)?;
         let mean = target.mean_keepdim(2)?;
         let var =
             (target.broadcast_sub(&mean)?.sqr()?.sum_keepdim(2)? / ((target.dim(2)? - 1) as f64))?;
@@ -446,30 +400,215 @@ fn reconstructions(
             .broadcast_mul(&(var + 1e-6)?.sqrt()?)?
             .broadcast_add(&mean)?;
     }
-    let recon = mae.unpatchify(&pred)?;
     let mask_px = mae.unpatchify(&out.mask.unsqueeze(2)?.repeat((1, 1, p.patch * p.patch))?)?;
-    let masked = (&imgs * (1.0 - &mask_px)?)?;
-    let pasted = ((&imgs * (1.0 - &mask_px)?)? + (&recon * &mask_px)?)?;
-    let to_rows = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-    let panels = [
-        to_rows(&imgs)?,
-        to_rows(&masked)?,
-        to_rows(&recon)?,
-        to_rows(&pasted)?,
-    ];
+    write_panels(
+        &shown,
+        &mae.unpatchify(&pred)?,
+        &mask_px,
+        norm,
+        &ctx.out_dir.join("reconstructions.png"),
+    )?;
+    Ok(summary(p, &history, &set, train.len(), norm))
+}
+
+fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
+    let dev = Device::Cpu;
+    if p.img_size % p.patch != 0 {
+        bail!(
+            "img_size {} is not a multiple of the masking patch {}",
+            p.img_size,
+            p.patch
+        );
+    }
+    let (set, train, norm) = pretraining_set(p, inputs, ctx)?;
+    let net = Net::build(&p.desc(), p.seed, &dev)?;
+    if let Some(init) = inputs.optional_path("init") {
+        let note = net.load_init(init)?;
+        ctx.log(&format!("initialised from {} {note}", init.display()));
+    }
+    let probe = net.feature_map(
+        &Tensor::zeros(
+            (1, 1, p.img_size, p.img_size),
+            candle_core::DType::F32,
+            &dev,
+        )?,
+        None,
+    )?;
+    let (_, channels, side, _) = probe.dims4()?;
+    if p.img_size % side != 0 {
+        bail!(
+            "img_size {} is not a multiple of the feature map ({side})",
+            p.img_size
+        );
+    }
+    let head = PixelHead::new(
+        channels,
+        p.img_size / side,
+        net.params.var_builder(&dev).pp("decoder_pred"),
+    )?;
+    let grid = p.img_size / p.patch;
+    let len_keep = ((grid * grid) as f64 * (1.0 - p.mask_ratio)) as usize;
+    let reconstruct =
+        |x: &Tensor, noise: &[f32], rng: Option<&mut Rng>| -> Result<(Tensor, Tensor)> {
+            let n = x.dim(0)?;
+            let plan = plan_mask(noise, n, grid * grid, len_keep);
+            let mask = pixel_mask(&plan.mask, grid, p.patch, &dev)?;
+            let visible = x.mul(&(1.0 - &mask)?)?;
+            Ok((head.forward(&net.feature_map(&visible, rng)?)?, mask))
+        };
+    let history = train_loop(
+        p,
+        &set,
+        &train,
+        norm,
+        &net.params,
+        ctx,
+        |x, epoch, step, rng| {
+            let noise = masks(p, x.dim(0)?, grid, epoch, step);
+            let (pred, mask) = reconstruct(x, &noise, Some(rng))?;
+            Ok(masked_mse(&pred, x, &mask)?)
+        },
+    )?;
+    net.params
+        .save_safetensors(&ctx.out_dir.join("encoder.safetensors"), |n| {
+            !n.starts_with("decoder_pred")
+        })?;
+    net.params
+        .save_safetensors(&ctx.out_dir.join("mae.safetensors"), |_| true)?;
+    let shown = shown_images(p, &set, &train, norm)?;
+    let mut rng = Rng::new(p.seed ^ 0x5EC0);
+    let noise = masking_noise(p.masking(), shown.dim(0)?, grid, p.mask_ratio, &mut || {
+        rng.f64()
+    });
+    let (pred, mask) = reconstruct(&shown, &noise, None)?;
+    write_panels(
+        &shown,
+        &pred,
+        &mask,
+        norm,
+        &ctx.out_dir.join("reconstructions.png"),
+    )?;
+    Ok(summary(p, &history, &set, train.len(), norm))
+}
+
+/// The epoch loop both variants share: batches, lr schedule, backward, AdamW, checkpoints.
+fn train_loop(
+    p: &Params,
+    set: &ImageSet,
+    train: &[usize],
+    norm: Normalize,
+    params: &ParamStore,
+    ctx: &mut StageCtx,
+    loss_of: impl Fn(&Tensor, usize, usize, &mut Rng) -> Result<Tensor>,
+) -> Result<History> {
+    let dev = Device::Cpu;
+    let mut opt = super::fit::optimizer(
+        params,
+        &OptimSpec {
+            weight_decay: p.weight_decay,
+            betas: (0.9, 0.95),
+            layer_decay: None,
+            only: None,
+            lars: false,
+        },
+    );
+    let sched = schedule(
+        scaled_lr(p.blr, p.batch),
+        p.min_lr,
+        p.warmup_epochs,
+        p.epochs,
+    );
+    let (start, mut history) =
+        match load_checkpoint::<History>(&ctx.checkpoint_dir, params, &mut opt)? {
+            Some((done, h)) => {
+                ctx.log(&format!("resuming after epoch {done} from the checkpoint"));
+                (done, h)
+            }
+            None => (0, History::default()),
+        };
+    let steps = train.len().div_ceil(p.batch);
+    for epoch in start..p.epochs {
+        let (mut sum, mut count) = (0.0, 0usize);
+        let mut rng = Rng::stream(p.seed, epoch as u64, 0xB7A1);
+        for (step, b) in epoch_batches(p, set, train, norm, epoch).iter().enumerate() {
+            if ctx.cancelled() {
+                bail!("cancelled");
+            }
+            let x = Tensor::from_slice(&b.x, (b.n, 1, p.img_size, p.img_size), &dev)?;
+            let loss = loss_of(&x, epoch, step, &mut rng)?;
+            let value = finite(scalar(&loss)?, epoch, step)?;
+            let grads = loss.backward()?;
+            opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
+            sum += value * b.n as f64;
+            count += b.n;
+            ctx.report(
+                (epoch * steps + step + 1) as u64,
+                (p.epochs * steps) as u64,
+                format!(
+                    "epoch {}/{} loss {:.4}",
+                    epoch + 1,
+                    p.epochs,
+                    sum / count as f64
+                ),
+            );
+        }
+        history.loss.push(sum / count.max(1) as f64);
+        ctx.log(&format!(
+            "epoch {} loss {:.4}",
+            epoch + 1,
+            history.loss[epoch]
+        ));
+        save_checkpoint(&ctx.checkpoint_dir, params, &opt, &history, epoch + 1)?;
+    }
+    Ok(history)
+}
+
+fn summary(p: &Params, history: &History, set: &ImageSet, images: usize, norm: Normalize) -> Value {
+    json!({ "loss": history.loss, "final_loss": history.loss.last(), "images": images, "mean": norm.mean, "std": norm.std,
+            "skipped_images": set.decoded.skipped.len(), "mask_ratio": p.mask_ratio, "masking": p.masking, "model": p.model })
+}
+
+/// The first `recon_images` pretraining images, normalised, as [n, 1, S, S].
+fn shown_images(p: &Params, set: &ImageSet, train: &[usize], norm: Normalize) -> Result<Tensor> {
+    let shown: Vec<usize> = train.iter().copied().take(p.recon_images.max(1)).collect();
+    let x: Vec<f32> = shown
+        .iter()
+        .flat_map(|&i| norm.apply(Grey::from_u8(set.decoded.image(i), set.decoded.size)))
+        .collect();
+    Ok(Tensor::from_vec(
+        x,
+        (shown.len(), 1, p.img_size, p.img_size),
+        &Device::Cpu,
+    )?)
+}
+
+/// Rows of original | masked | reconstruction | reconstruction with the visible pixels pasted,
+/// from normalised [n, 1, S, S] tensors and a pixel mask (1 = masked).
+fn write_panels(
+    imgs: &Tensor,
+    recon: &Tensor,
+    mask: &Tensor,
+    norm: Normalize,
+    path: &std::path::Path,
+) -> Result<()> {
+    let (n, _, size, _) = imgs.dims4()?;
+    let visible = (1.0 - mask)?;
+    let masked = imgs.mul(&visible)?;
+    let pasted = (imgs.mul(&visible)? + recon.mul(mask)?)?;
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let panels = [flat(imgs)?, flat(&masked)?, flat(recon)?, flat(&pasted)?];
     let scale = 2u32;
-    let (w, h) = (4 * size as u32 * scale, n as u32 * size as u32 * scale);
-    let mut png = image::GrayImage::new(w, h);
+    let mut png = image::GrayImage::new(4 * size as u32 * scale, n as u32 * size as u32 * scale);
     for r in 0..n {
         for (c, panel) in panels.iter().enumerate() {
             for y in 0..size {
-                for xx in 0..size {
-                    let v = panel[r * size * size + y * size + xx] * norm.std + norm.mean;
+                for x in 0..size {
+                    let v = panel[r * size * size + y * size + x] * norm.std + norm.mean;
                     let px = image::Luma([(v.clamp(0.0, 1.0) * 255.0) as u8]);
                     for dy in 0..scale {
                         for dx in 0..scale {
                             png.put_pixel(
-                                (c * size) as u32 * scale + xx as u32 * scale + dx,
+                                (c * size) as u32 * scale + x as u32 * scale + dx,
                                 (r * size) as u32 * scale + y as u32 * scale + dy,
                                 px,
                             );
@@ -480,6 +619,5 @@ fn reconstructions(
         }
     }
     png.save(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -189,6 +189,16 @@ impl Net {
         })
     }
 
+    /// The last feature map of a CNN, [B, C, h, w] (masked-image pretraining reconstructs from it).
+    pub fn feature_map(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let train = rng.is_some();
+        Ok(match &self.arch {
+            Arch::ResNet(r) => r.forward_t(x, train, &mut Taps::none())?.features,
+            Arch::DenseNet(d) => d.forward_t(x, train, &mut Taps::none())?.features.relu()?,
+            Arch::Vit(_) => bail!("a ViT has no feature map; use the MAE path"),
+        })
+    }
+
     /// The layer Grad-CAM explains by default: the last block's norm1 (ViT, as in the reference
     /// recipe), the last residual stage (ResNet), norm5 (DenseNet).
     pub fn cam_layer(&self) -> String {

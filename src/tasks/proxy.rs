@@ -252,6 +252,7 @@ impl Task for Proxy {
                 betas: (0.9, 0.999),
                 layer_decay: None,
                 only: None,
+                lars: false,
             },
         );
         let sched = schedule(scaled_lr(p.blr, p.batch), 1e-6, p.warmup_epochs, p.epochs);

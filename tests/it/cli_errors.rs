@@ -82,11 +82,26 @@ fn missing_data_blocks_its_stages_and_the_rest_runs() {
     p.write("pipelines/m.yaml", "data:\n  chest: { path: data/nowhere }\nstages:\n  a:\n    kind: command\n    run: 'true'\n    inputs: { x: data.chest }\n  after_a:\n    kind: command\n    run: 'true'\n    inputs: { x: a.out }\n  b:\n    kind: command\n    run: echo b > $PRETEXT_OUT/b\n");
     let r = p.run(&["run", "pipelines/m.yaml"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stderr.contains("skipped  a: blocked") && r.stderr.contains("nowhere") && r.stderr.contains("m.yaml:4"), "{}", r.stderr);
-    assert!(r.stderr.contains("skipped  after_a: blocked: upstream `a` is blocked"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("skipped  a: blocked")
+            && r.stderr.contains("nowhere")
+            && r.stderr.contains("m.yaml:4"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("skipped  after_a: blocked: upstream `a` is blocked"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("done     b"), "{}", r.stderr);
     let st = p.run(&["status", "pipelines/m.yaml"]);
-    assert!(st.stdout.contains("blocked") && st.stdout.contains("nowhere"), "{}", st.stdout);
+    assert!(
+        st.stdout.contains("blocked") && st.stdout.contains("nowhere"),
+        "{}",
+        st.stdout
+    );
 }
 
 #[test]

@@ -3,4 +3,5 @@
 mod cli_errors;
 mod fuzz;
 mod orchestrator;
+mod science;
 mod util;
