@@ -73,6 +73,17 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// How long the entry took to compute, without materialising the whole manifest (the
+    /// no-op path of a large pipeline reads one per stage).
+    pub fn wall_s(&self) -> Option<f64> {
+        #[derive(Deserialize)]
+        struct Wall {
+            wall_s: f64,
+        }
+        let text = fs::read(self.dir.join(MANIFEST)).ok()?;
+        serde_json::from_slice::<Wall>(&text).ok().map(|w| w.wall_s)
+    }
+
     pub fn manifest(&self) -> io::Result<Manifest> {
         let path = self.dir.join(MANIFEST);
         let text = fs::read_to_string(&path)?;

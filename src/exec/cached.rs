@@ -48,7 +48,7 @@ pub fn execute(store: &Store, local: &Local, job: &Job, sink: &dyn EventSink) ->
         store
             .lookup(&job.stage.kind, &key)
             .map(|e| Outcome::Cached {
-                saved_s: e.manifest().map_or(0.0, |m| m.wall_s),
+                saved_s: e.wall_s().unwrap_or(0.0),
             })
     };
     if !job.force {

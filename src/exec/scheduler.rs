@@ -55,7 +55,25 @@ pub fn walk(
     let mut started_flags = vec![false; nodes.len()];
     let gpu_need = |i: usize| if opts.gpus == 0 { 0 } else { nodes[i].gpus };
 
+    // A fixed pool of `jobs` workers: the cost per stage stays flat however large the DAG is
+    // (no thread per stage), and cache hits never wait for a thread to start.
+    let (job_tx, job_rx) = mpsc::channel::<usize>();
+    let job_rx = std::sync::Mutex::new(job_rx);
     std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.max(1) {
+            let (tx, job_rx) = (tx.clone(), &job_rx);
+            scope.spawn(move || loop {
+                let next = job_rx.lock().expect("job queue").recv();
+                match next {
+                    Ok(i) => {
+                        if tx.send((i, runner(i))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            });
+        }
         loop {
             // Skip what can no longer run.
             for i in 0..nodes.len() {
@@ -120,11 +138,7 @@ pub fn walk(
                     started_flags[i] = true;
                     running += 1;
                     gpus_free -= gpu_need(i);
-                    let tx = tx.clone();
-                    scope.spawn(move || {
-                        let outcome = runner(i);
-                        let _ = tx.send((i, outcome));
-                    });
+                    job_tx.send(i).expect("workers are alive");
                 }
             }
             if running == 0 {
@@ -139,6 +153,7 @@ pub fn walk(
             }
             status[i] = Status::Done(outcome);
         }
+        drop(job_tx);
     });
 
     let count = |f: fn(&Status) -> bool| status.iter().filter(|s| f(s)).count();

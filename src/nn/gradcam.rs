@@ -1,6 +1,7 @@
 //! Grad-CAM and Grad-CAM++ exactly as pytorch-grad-cam computes them.
 //!
-//! score = sum over images of the raw logit of each image's target class; A and G are the
+//! score = sum over images of the raw logits of each image's target classes (one class, or
+//! several for multi-label models); A and G are the
 //! activation at the target layer and d score / dA (read through a [`Taps`] probe);
 //! cam = relu(sum_k w_k A_k) with w = mean_hw(G) (Grad-CAM) or the ++ weights; then per image
 //! min-max scaling, a bilinear resize (align_corners=False, as cv2 INTER_LINEAR), and min-max again.
@@ -38,7 +39,7 @@ pub struct Cam {
 pub fn grad_cam(
     forward: impl FnOnce(&mut Taps) -> Result<Tensor>,
     layer: &str,
-    targets: &[usize],
+    targets: &[Vec<usize>],
     to_grid: impl Fn(&Tensor) -> Result<Tensor>,
     out_hw: (usize, usize),
     method: CamMethod,
@@ -50,8 +51,10 @@ pub fn grad_cam(
     })?;
     let (n, classes) = logits.dims2()?;
     let mut select = vec![0f32; n * classes];
-    for (i, &t) in targets.iter().enumerate() {
-        select[i * classes + t] = 1.0;
+    for (i, ts) in targets.iter().enumerate() {
+        for &t in ts {
+            select[i * classes + t] = 1.0;
+        }
     }
     let select = Tensor::from_vec(select, (n, classes), logits.device())?;
     let score = (logits * select)?.sum_all()?;
@@ -164,6 +167,32 @@ pub fn resize_bilinear(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plus_plus_weights_and_multi_label_scores() {
+        use candle_core::{Device, Tensor};
+        // Two channels; channel 0's gradient is positive, channel 1's negative.
+        let a = Tensor::new(&[[[[1f32, 2.], [3., 4.]], [[4f32, 3.], [2., 1.]]]], &Device::Cpu).unwrap();
+        let g = Tensor::new(&[[[[0.5f32, 0.5], [0.5, 0.5]], [[-0.5f32, -0.5], [-0.5, -0.5]]]], &Device::Cpu).unwrap();
+        let cam = cam_from(a, g, (2, 2), CamMethod::GradCamPlusPlus).unwrap();
+        assert!(cam.weights[0][0] > 0.0 && cam.weights[0][1] == 0.0, "{:?}", cam.weights);
+        // A linear model: logits = [sum(x), 2*sum(x)]; both classes as targets sum their gradients.
+        let x = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let cam = grad_cam(
+            |taps| {
+                let t = taps.point("x", x.clone())?;
+                let s = t.sum_keepdim(3)?.sum_keepdim(2)?.reshape((1, 1))?;
+                Tensor::cat(&[&s, &(&s * 2.0)?], 1)
+            },
+            "x",
+            &[vec![0, 1]],
+            |t| Ok(t.clone()),
+            (2, 2),
+            CamMethod::GradCam,
+        )
+        .unwrap();
+        assert_eq!(cam.weights[0], vec![3.0]);
+    }
 
     #[test]
     fn resize_identity_and_constant() {

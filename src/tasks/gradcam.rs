@@ -134,7 +134,7 @@ fn maps_for(
     net: &Net,
     layer: &str,
     x: &Tensor,
-    targets: &[usize],
+    targets: &[Vec<usize>],
     size: usize,
     method: CamMethod,
 ) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
@@ -236,7 +236,8 @@ impl Task for GradCamTask {
                 .iter()
                 .map(|&i| set.label(i).map(|l| l as usize))
                 .collect::<Result<_>>()?;
-            let (first, predicted) = maps_for(&net, &layer, &x, &labels, size, method)
+            let one = |v: &[usize]| -> Vec<Vec<usize>> { v.iter().map(|&c| vec![c]).collect() };
+            let (first, predicted) = maps_for(&net, &layer, &x, &one(&labels), size, method)
                 .with_context(|| format!("Grad-CAM at layer `{layer}`"))?;
             let targets = match p.target {
                 Target::Label => labels.clone(),
@@ -245,10 +246,10 @@ impl Task for GradCamTask {
             let maps = if p.target == Target::Label {
                 first
             } else {
-                maps_for(&net, &layer, &x, &targets, size, method)?.0
+                maps_for(&net, &layer, &x, &one(&targets), size, method)?.0
             };
             let baseline = if p.random_baseline {
-                Some(maps_for(&random, &layer, &x, &targets, size, method)?.0)
+                Some(maps_for(&random, &layer, &x, &one(&targets), size, method)?.0)
             } else {
                 None
             };

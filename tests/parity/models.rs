@@ -293,6 +293,7 @@ fn gradcam_matches_pytorch_grad_cam() {
             .into_iter()
             .map(|t| t as usize)
             .collect();
+        let per_image: Vec<Vec<usize>> = targets.iter().map(|&t| vec![t]).collect();
         let (h, w) = (x.dim(2).unwrap(), x.dim(3).unwrap());
         let layer = f.config()["target_layer"].as_str().unwrap().to_owned();
         let module = model_json["reference_module"].as_str().unwrap();
@@ -311,7 +312,7 @@ fn gradcam_matches_pytorch_grad_cam() {
                     Ok(l)
                 },
                 &tap,
-                &targets,
+                &per_image,
                 |t| vit.tokens_to_grid(t),
                 (h, w),
                 CamMethod::GradCam,
@@ -333,7 +334,7 @@ fn gradcam_matches_pytorch_grad_cam() {
                     Ok(l)
                 },
                 "layer4",
-                &targets,
+                &per_image,
                 |t| Ok(t.clone()),
                 (h, w),
                 CamMethod::GradCam,
