@@ -80,6 +80,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         walk: WalkOptions {
             jobs,
             gpus: args.gpus,
+            cpus: cpus as u32,
             keep_going: args.keep_going,
         },
         force,

@@ -122,6 +122,14 @@ pub fn run_plan(
             name: &s.name,
             deps: &s.deps,
             gpus: s.resources.gpu.unwrap_or(0),
+            // Training kinds use every core unless the stage says otherwise.
+            cpus: s.resources.cpu.unwrap_or(
+                if local.catalog.get(&s.kind).is_some_and(|e| e.trains) {
+                    u32::MAX
+                } else {
+                    1
+                },
+            ),
         })
         .collect();
     scheduler::walk(&nodes, selected, &opts.walk, &runner, sink)

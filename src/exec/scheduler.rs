@@ -12,6 +12,9 @@ pub struct WalkOptions {
     pub jobs: usize,
     /// GPU tokens on this machine. With none, GPU requests are ignored and stages run on the CPU.
     pub gpus: u32,
+    /// CPU tokens (cores). A stage takes its `cpus`, at most all of them, so two training stages
+    /// never fight over the same cores while light stages still run beside each other.
+    pub cpus: u32,
     pub keep_going: bool,
 }
 
@@ -23,11 +26,12 @@ pub enum Status {
     Skipped(String),
 }
 
-/// One node: its dependencies (indices) and its GPU need.
+/// One node: its dependencies (indices) and what it needs of the machine.
 pub struct Node<'a> {
     pub name: &'a str,
     pub deps: &'a [usize],
     pub gpus: u32,
+    pub cpus: u32,
 }
 
 pub fn walk(
@@ -50,6 +54,8 @@ pub fn walk(
         .collect();
     let mut running = 0usize;
     let mut gpus_free = opts.gpus;
+    let mut cpus_free = opts.cpus.max(1);
+    let cpu_need = |i: usize| nodes[i].cpus.clamp(1, opts.cpus.max(1));
     let mut stop = false;
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
     let mut started_flags = vec![false; nodes.len()];
@@ -133,11 +139,13 @@ pub fn walk(
                             Status::Done(Outcome::Cached { .. } | Outcome::Ran { .. })
                         )
                     })
-                    && gpu_need(i) <= gpus_free;
+                    && gpu_need(i) <= gpus_free
+                    && cpu_need(i) <= cpus_free;
                 if ready {
                     started_flags[i] = true;
                     running += 1;
                     gpus_free -= gpu_need(i);
+                    cpus_free -= cpu_need(i);
                     job_tx.send(i).expect("workers are alive");
                 }
             }
@@ -147,6 +155,7 @@ pub fn walk(
             let (i, outcome) = rx.recv().expect("a running stage reports");
             running -= 1;
             gpus_free += gpu_need(i);
+            cpus_free += cpu_need(i);
             match &outcome {
                 Outcome::Failed { .. } => stop = stop || !opts.keep_going,
                 Outcome::Cached { .. } | Outcome::Ran { .. } => {}
@@ -180,21 +189,25 @@ mod tests {
                 name: "a",
                 deps: &[],
                 gpus: 0,
+                cpus: 1,
             },
             Node {
                 name: "b",
                 deps: &[0],
                 gpus: 0,
+                cpus: 1,
             },
             Node {
                 name: "c",
                 deps: &[1],
                 gpus: 0,
+                cpus: 1,
             },
             Node {
                 name: "d",
                 deps: &[],
                 gpus: 0,
+                cpus: 1,
             },
         ]
     }
@@ -209,6 +222,7 @@ mod tests {
         let opts = WalkOptions {
             jobs: 1,
             gpus: 0,
+            cpus: 2,
             keep_going: false,
         };
         let status = walk(&chain(), &[true; 4], &opts, &runner, &Recorder::default());
@@ -234,6 +248,7 @@ mod tests {
         let opts = WalkOptions {
             jobs: 1,
             gpus: 0,
+            cpus: 2,
             keep_going: true,
         };
         let status = walk(&chain(), &[true; 4], &opts, &runner, &Recorder::default());
@@ -243,17 +258,79 @@ mod tests {
     }
 
     #[test]
+    fn cpu_tokens_keep_heavy_stages_apart_and_let_light_ones_share() {
+        let nodes = vec![
+            Node {
+                name: "train1",
+                deps: &[],
+                gpus: 0,
+                cpus: u32::MAX,
+            },
+            Node {
+                name: "train2",
+                deps: &[],
+                gpus: 0,
+                cpus: u32::MAX,
+            },
+            Node {
+                name: "light1",
+                deps: &[],
+                gpus: 0,
+                cpus: 1,
+            },
+            Node {
+                name: "light2",
+                deps: &[],
+                gpus: 0,
+                cpus: 1,
+            },
+        ];
+        let running = Mutex::new(Vec::<usize>::new());
+        let overlaps = Mutex::new(Vec::<(usize, usize)>::new());
+        let runner = |i: usize| {
+            {
+                let mut r = running.lock().unwrap();
+                for &j in r.iter() {
+                    overlaps.lock().unwrap().push((i.min(j), i.max(j)));
+                }
+                r.push(i);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            running.lock().unwrap().retain(|&j| j != i);
+            Outcome::Ran { wall_s: 0.0 }
+        };
+        let opts = WalkOptions {
+            jobs: 4,
+            gpus: 0,
+            cpus: 2,
+            keep_going: false,
+        };
+        walk(&nodes, &[true; 4], &opts, &runner, &Recorder::default());
+        let overlaps = overlaps.into_inner().unwrap();
+        assert!(
+            overlaps.iter().all(|&(a, b)| a >= 2 && b >= 2),
+            "a training stage shared the cores: {overlaps:?}"
+        );
+        assert!(
+            overlaps.contains(&(2, 3)),
+            "light stages ran one after the other: {overlaps:?}"
+        );
+    }
+
+    #[test]
     fn gpu_tokens_serialise_gpu_stages() {
         let nodes = vec![
             Node {
                 name: "g1",
                 deps: &[],
                 gpus: 1,
+                cpus: 1,
             },
             Node {
                 name: "g2",
                 deps: &[],
                 gpus: 1,
+                cpus: 1,
             },
         ];
         let busy = Mutex::new((0, 0));
@@ -270,6 +347,7 @@ mod tests {
         let opts = WalkOptions {
             jobs: 4,
             gpus: 1,
+            cpus: 2,
             keep_going: false,
         };
         walk(&nodes, &[true, true], &opts, &runner, &Recorder::default());

@@ -172,10 +172,22 @@ mod tests {
     fn plus_plus_weights_and_multi_label_scores() {
         use candle_core::{Device, Tensor};
         // Two channels; channel 0's gradient is positive, channel 1's negative.
-        let a = Tensor::new(&[[[[1f32, 2.], [3., 4.]], [[4f32, 3.], [2., 1.]]]], &Device::Cpu).unwrap();
-        let g = Tensor::new(&[[[[0.5f32, 0.5], [0.5, 0.5]], [[-0.5f32, -0.5], [-0.5, -0.5]]]], &Device::Cpu).unwrap();
+        let a = Tensor::new(
+            &[[[[1f32, 2.], [3., 4.]], [[4f32, 3.], [2., 1.]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let g = Tensor::new(
+            &[[[[0.5f32, 0.5], [0.5, 0.5]], [[-0.5f32, -0.5], [-0.5, -0.5]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let cam = cam_from(a, g, (2, 2), CamMethod::GradCamPlusPlus).unwrap();
-        assert!(cam.weights[0][0] > 0.0 && cam.weights[0][1] == 0.0, "{:?}", cam.weights);
+        assert!(
+            cam.weights[0][0] > 0.0 && cam.weights[0][1] == 0.0,
+            "{:?}",
+            cam.weights
+        );
         // A linear model: logits = [sum(x), 2*sum(x)]; both classes as targets sum their gradients.
         let x = Tensor::ones((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
         let cam = grad_cam(

@@ -246,6 +246,7 @@ impl Task for Finetune {
     const KIND: &'static str = "finetune";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "fine-tunes (or linearly probes) a CNN or ViT on labelled radiographs, keeping the best checkpoint on validation";
+    const TRAINS: bool = true;
     type Params = Params;
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {

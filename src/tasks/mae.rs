@@ -216,6 +216,7 @@ impl Task for MaeTask {
     const KIND: &'static str = "mae";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "masked-autoencoder pretraining of a ViT encoder on radiographs";
+    const TRAINS: bool = true;
     type Params = Params;
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {

@@ -48,6 +48,9 @@ pub trait Task {
     /// Bump when the same params would now give different results: it changes every key.
     const VERSION: u32;
     const SUMMARY: &'static str;
+    /// Trains a model: its tensor ops use every core, so by default the scheduler gives it the
+    /// whole machine (a stage's `resources.cpu` overrides this).
+    const TRAINS: bool = false;
     /// Defaults applied by serde; unknown fields rejected (`#[serde(deny_unknown_fields)]`).
     type Params: DeserializeOwned + Serialize;
     /// `None` accepts any slot name (the `command` kind).
@@ -63,6 +66,7 @@ pub struct TaskEntry {
     pub kind: &'static str,
     pub version: u32,
     pub summary: &'static str,
+    pub trains: bool,
     /// Parses params, applies defaults, and returns them in canonical form.
     pub normalize: fn(Value) -> std::result::Result<Value, String>,
     pub inputs: fn(&Value) -> Option<Vec<InputSlot>>,
@@ -79,6 +83,7 @@ pub fn entry<T: Task>() -> TaskEntry {
         kind: T::KIND,
         version: T::VERSION,
         summary: T::SUMMARY,
+        trains: T::TRAINS,
         normalize: |v| {
             let p: T::Params = serde_json::from_value(v).map_err(|e| e.to_string())?;
             serde_json::to_value(p).map_err(|e| e.to_string())

@@ -374,7 +374,15 @@ mod tests {
     use super::*;
 
     fn vit(img: usize, classes: usize) -> NetDesc {
-        NetDesc { arch: "vit".into(), img_size: img, patch: 8, vit_dims: Some([16, 1, 2]), densenet_dims: None, drop_path: 0.0, num_classes: classes }
+        NetDesc {
+            arch: "vit".into(),
+            img_size: img,
+            patch: 8,
+            vit_dims: Some([16, 1, 2]),
+            densenet_dims: None,
+            drop_path: 0.0,
+            num_classes: classes,
+        }
     }
 
     #[test]
@@ -382,32 +390,84 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A "timm" checkpoint: 3 input channels, 32 px (4x4 grid), 10 classes.
         let source = Net::build(&vit(32, 10), 1, &Device::Cpu).unwrap();
-        let mut tensors: HashMap<String, Tensor> = source.params.named().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let mut tensors: HashMap<String, Tensor> = source
+            .params
+            .named()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
         let w = tensors["patch_embed.proj.weight"].clone();
-        tensors.insert("patch_embed.proj.weight".into(), Tensor::cat(&[&w, &w, &w], 1).unwrap());
+        tensors.insert(
+            "patch_embed.proj.weight".into(),
+            Tensor::cat(&[&w, &w, &w], 1).unwrap(),
+        );
         let file = dir.path().join("imagenet.safetensors");
         candle_core::safetensors::save(&tensors, &file).unwrap();
 
         // A grey 64 px (8x8 grid) model with 4 classes loads it.
         let target = Net::build(&vit(64, 4), 2, &Device::Cpu).unwrap();
-        let head_before = target.params.get("head.weight").unwrap().as_tensor().copy().unwrap();
+        let head_before = target
+            .params
+            .get("head.weight")
+            .unwrap()
+            .as_tensor()
+            .copy()
+            .unwrap();
         target.load_init(&file).unwrap();
-        let folded = target.params.get("patch_embed.proj.weight").unwrap().as_tensor().copy().unwrap();
+        let folded = target
+            .params
+            .get("patch_embed.proj.weight")
+            .unwrap()
+            .as_tensor()
+            .copy()
+            .unwrap();
         let expected = (&w * 3.0).unwrap();
-        let diff = (folded - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (folded - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "3 channels are summed into 1");
         assert_eq!(target.params.get("pos_embed").unwrap().dims(), &[1, 65, 16]);
-        let head_after = target.params.get("head.weight").unwrap().as_tensor().copy().unwrap();
-        assert_eq!(head_before.to_vec2::<f32>().unwrap(), head_after.to_vec2::<f32>().unwrap(), "the head is not loaded");
+        let head_after = target
+            .params
+            .get("head.weight")
+            .unwrap()
+            .as_tensor()
+            .copy()
+            .unwrap();
+        assert_eq!(
+            head_before.to_vec2::<f32>().unwrap(),
+            head_after.to_vec2::<f32>().unwrap(),
+            "the head is not loaded"
+        );
     }
 
     #[test]
     fn a_checkpoint_of_another_shape_is_an_error_that_lists_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let other = Net::build(&NetDesc { vit_dims: Some([32, 1, 2]), ..vit(32, 4) }, 1, &Device::Cpu).unwrap();
+        let other = Net::build(
+            &NetDesc {
+                vit_dims: Some([32, 1, 2]),
+                ..vit(32, 4)
+            },
+            1,
+            &Device::Cpu,
+        )
+        .unwrap();
         let file = dir.path().join("other.safetensors");
         other.params.save_safetensors(&file, |_| true).unwrap();
-        let err = Net::build(&vit(32, 4), 1, &Device::Cpu).unwrap().load_init(&file).unwrap_err().to_string();
-        assert!(err.contains("shape mismatch") && err.contains("blocks.0.attn.qkv.weight"), "{err}");
+        let err = Net::build(&vit(32, 4), 1, &Device::Cpu)
+            .unwrap()
+            .load_init(&file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shape mismatch") && err.contains("blocks.0.attn.qkv.weight"),
+            "{err}"
+        );
     }
 }

@@ -172,6 +172,7 @@ impl Task for Proxy {
     const KIND: &'static str = "proxy";
     const VERSION: u32 = 1;
     const SUMMARY: &'static str = "self-supervised proxy task (rotation, jigsaw, exemplar, contrastive) that trains an encoder";
+    const TRAINS: bool = true;
     type Params = Params;
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {

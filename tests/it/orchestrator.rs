@@ -456,10 +456,20 @@ fn stage_selection_and_force() {
 #[test]
 fn a_param_at_its_default_is_the_same_key_as_leaving_it_out() {
     let p = project_with_data();
-    let with = |params: &str| format!("data:\n  d: {{ path: data/raw }}\nstages:\n  ft:\n    kind: finetune\n    inputs: {{ data: data.d }}\n{params}");
+    let with = |params: &str| {
+        format!("data:\n  d: {{ path: data/raw }}\nstages:\n  ft:\n    kind: finetune\n    inputs: {{ data: data.d }}\n{params}")
+    };
     p.write("pipelines/bare.yaml", &with(""));
-    p.write("pipelines/explicit.yaml", &with("    params: { epochs: 30, layer_decay: 0.55, drop_path: 0.2, randaug_magnitude: 6 }\n"));
-    p.write("pipelines/changed.yaml", &with("    params: { epochs: 31 }\n"));
+    p.write(
+        "pipelines/explicit.yaml",
+        &with(
+            "    params: { epochs: 30, layer_decay: 0.55, drop_path: 0.2, randaug_magnitude: 6 }\n",
+        ),
+    );
+    p.write(
+        "pipelines/changed.yaml",
+        &with("    params: { epochs: 31 }\n"),
+    );
     let key = |f: &str| p.status(f)[0].2.clone();
     assert_eq!(key("pipelines/bare.yaml"), key("pipelines/explicit.yaml"));
     assert_ne!(key("pipelines/bare.yaml"), key("pipelines/changed.yaml"));
