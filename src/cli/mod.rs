@@ -228,7 +228,13 @@ fn kinds_text(catalog: &Catalog) -> String {
             "{kind} (version {}): {}\n",
             entry.version, entry.summary
         ));
-        if let Ok(defaults) = (entry.normalize)(serde_json::json!({})) {
+        let defaults = (entry.normalize)(serde_json::json!({}));
+        if let Err(e) = &defaults {
+            out.push_str(&format!(
+                "  params: {e} (the others have defaults; see docs/pipelines.md)\n"
+            ));
+        }
+        if let Ok(defaults) = defaults {
             out.push_str(&format!("  params (defaults): {defaults}\n"));
             match (entry.inputs)(&defaults) {
                 Some(slots) => {
@@ -247,8 +253,6 @@ fn kinds_text(catalog: &Catalog) -> String {
             for o in (entry.outputs)(&defaults) {
                 out.push_str(&format!("  output {} ({}): {}\n", o.name, o.path, o.doc));
             }
-        } else {
-            out.push_str("  params: see `pretext kinds` docs (some params are required)\n");
         }
     }
     out

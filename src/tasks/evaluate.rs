@@ -46,20 +46,7 @@ impl Task for Evaluate {
     type Params = Params;
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
-        Some(vec![
-            InputSlot {
-                name: "model",
-                required: true,
-                many: false,
-                doc: "a fine-tuned model (`finetune.model`)",
-            },
-            InputSlot {
-                name: "data",
-                required: true,
-                many: false,
-                doc: "the labelled data folder with a test split",
-            },
-        ])
+        Some(super::net::model_and_data_inputs())
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {

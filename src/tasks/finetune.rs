@@ -47,15 +47,15 @@ fn d_optimizer() -> OptimizerKind {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    #[serde(default = "d_model")]
+    #[serde(default = "super::net::defaults::model")]
     pub model: String,
     #[serde(default)]
     pub vit_dims: Option<[usize; 3]>,
     #[serde(default)]
     pub densenet_dims: Option<Vec<usize>>,
-    #[serde(default = "d_img")]
+    #[serde(default = "super::net::defaults::img_size")]
     pub img_size: usize,
-    #[serde(default = "d_patch")]
+    #[serde(default = "super::net::defaults::patch")]
     pub patch: usize,
     #[serde(default = "d_mode")]
     pub mode: Mode,
@@ -73,7 +73,7 @@ pub struct Params {
     pub min_lr: f64,
     #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
-    #[serde(default = "d_wd")]
+    #[serde(default = "super::net::defaults::weight_decay")]
     pub weight_decay: f64,
     /// Layer-wise lr decay for ViTs (ignored for CNNs).
     #[serde(default = "d_layer_decay")]
@@ -87,7 +87,7 @@ pub struct Params {
     pub randaug_magnitude: f64,
     #[serde(default = "d_smoothing")]
     pub label_smoothing: f64,
-    #[serde(default = "d_crop")]
+    #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
     /// 0 = uniform crop positions; towards 1 pulls crops to the image centre.
     #[serde(default)]
@@ -106,15 +106,6 @@ pub struct Params {
     pub on_bad_image: OnBadImage,
 }
 
-fn d_model() -> String {
-    "vit_tiny".into()
-}
-fn d_img() -> usize {
-    64
-}
-fn d_patch() -> usize {
-    8
-}
 fn d_mode() -> Mode {
     Mode::Full
 }
@@ -133,9 +124,6 @@ fn d_min_lr() -> f64 {
 fn d_warmup() -> f64 {
     3.0
 }
-fn d_wd() -> f64 {
-    0.05
-}
 fn d_layer_decay() -> f64 {
     0.55
 }
@@ -150,9 +138,6 @@ fn d_ra_m() -> f64 {
 }
 fn d_smoothing() -> f64 {
     0.1
-}
-fn d_crop() -> (f64, f64) {
-    (0.5, 1.0)
 }
 fn yes() -> bool {
     true

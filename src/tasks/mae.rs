@@ -39,16 +39,16 @@ pub struct Params {
     /// Encoder: a ViT (`vit_tiny`, `vit_small`, `vit_base`, `vit` with `vit_dims`) gets the
     /// official MAE; a CNN (`resnet18`, `densenet121`, ...) the masked-image variant of
     /// `nn::masked_cnn` (masked patches zeroed, pixels reconstructed by a one-layer head).
-    #[serde(default = "d_model")]
+    #[serde(default = "super::net::defaults::model")]
     pub model: String,
     #[serde(default)]
     pub vit_dims: Option<[usize; 3]>,
     /// [growth, init_features, blocks...] for `model: densenet`.
     #[serde(default)]
     pub densenet_dims: Option<Vec<usize>>,
-    #[serde(default = "d_img")]
+    #[serde(default = "super::net::defaults::img_size")]
     pub img_size: usize,
-    #[serde(default = "d_patch")]
+    #[serde(default = "super::net::defaults::patch")]
     pub patch: usize,
     #[serde(default = "d_dec_dim")]
     pub decoder_dim: usize,
@@ -79,9 +79,9 @@ pub struct Params {
     pub min_lr: f64,
     #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
-    #[serde(default = "d_wd")]
+    #[serde(default = "super::net::defaults::weight_decay")]
     pub weight_decay: f64,
-    #[serde(default = "d_crop")]
+    #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
     #[serde(default)]
     pub seed: u64,
@@ -95,15 +95,6 @@ pub struct Params {
     pub recon_images: usize,
 }
 
-fn d_model() -> String {
-    "vit_tiny".into()
-}
-fn d_img() -> usize {
-    64
-}
-fn d_patch() -> usize {
-    8
-}
 fn d_dec_dim() -> usize {
     128
 }
@@ -139,12 +130,6 @@ fn d_blr() -> f64 {
 }
 fn d_warmup() -> f64 {
     2.0
-}
-fn d_wd() -> f64 {
-    0.05
-}
-fn d_crop() -> (f64, f64) {
-    (0.5, 1.0)
 }
 fn d_recon() -> usize {
     6
@@ -215,7 +200,7 @@ struct History {
 impl Task for MaeTask {
     const KIND: &'static str = "mae";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "masked-autoencoder pretraining of a ViT encoder on radiographs";
+    const SUMMARY: &'static str = "masked-image pretraining on radiographs: the official MAE for ViTs, a SimMIM-style variant for CNNs";
     const TRAINS: bool = true;
     type Params = Params;
 

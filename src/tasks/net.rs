@@ -37,6 +37,43 @@ fn eight() -> usize {
     8
 }
 
+/// Serde defaults of the network fields every training kind shares (`model`, `img_size`, `patch`).
+pub mod defaults {
+    pub fn model() -> String {
+        "vit_tiny".into()
+    }
+    pub fn img_size() -> usize {
+        64
+    }
+    pub fn patch() -> usize {
+        8
+    }
+    pub fn weight_decay() -> f64 {
+        0.05
+    }
+    pub fn crop_scale() -> (f64, f64) {
+        (0.5, 1.0)
+    }
+}
+
+/// The two inputs of the kinds that use a fine-tuned model on a labelled set (evaluate, gradcam).
+pub fn model_and_data_inputs() -> Vec<super::InputSlot> {
+    vec![
+        super::InputSlot {
+            name: "model",
+            required: true,
+            many: false,
+            doc: "a fine-tuned model (`finetune.model`)",
+        },
+        super::InputSlot {
+            name: "data",
+            required: true,
+            many: false,
+            doc: "the labelled data folder with a test split",
+        },
+    ]
+}
+
 pub enum Arch {
     Vit(Vit),
     ResNet(ResNet),

@@ -41,15 +41,15 @@ pub enum ProxyKind {
 #[serde(deny_unknown_fields)]
 pub struct Params {
     pub task: ProxyKind,
-    #[serde(default = "d_model")]
+    #[serde(default = "super::net::defaults::model")]
     pub model: String,
     #[serde(default)]
     pub vit_dims: Option<[usize; 3]>,
     #[serde(default)]
     pub densenet_dims: Option<Vec<usize>>,
-    #[serde(default = "d_img")]
+    #[serde(default = "super::net::defaults::img_size")]
     pub img_size: usize,
-    #[serde(default = "d_patch")]
+    #[serde(default = "super::net::defaults::patch")]
     pub patch: usize,
     #[serde(default = "d_epochs")]
     pub epochs: usize,
@@ -60,9 +60,9 @@ pub struct Params {
     pub blr: f64,
     #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
-    #[serde(default = "d_wd")]
+    #[serde(default = "super::net::defaults::weight_decay")]
     pub weight_decay: f64,
-    #[serde(default = "d_crop")]
+    #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
     #[serde(default = "d_perms")]
     pub jigsaw_perms: usize,
@@ -81,15 +81,6 @@ pub struct Params {
     pub on_bad_image: OnBadImage,
 }
 
-fn d_model() -> String {
-    "vit_tiny".into()
-}
-fn d_img() -> usize {
-    64
-}
-fn d_patch() -> usize {
-    8
-}
 fn d_epochs() -> usize {
     5
 }
@@ -101,12 +92,6 @@ fn d_blr() -> f64 {
 }
 fn d_warmup() -> f64 {
     1.0
-}
-fn d_wd() -> f64 {
-    0.05
-}
-fn d_crop() -> (f64, f64) {
-    (0.5, 1.0)
 }
 fn d_perms() -> usize {
     30
