@@ -14,11 +14,26 @@ pub struct DataArgs {
 enum DataCommand {
     /// Counts per split and label, image sizes, bit depths and unreadable files of a data folder.
     Inspect {
-        /// A folder with labels.csv, or one sub-folder per class.
+        /// A folder with labels.csv, one sub-folder per class, or a MURA / NIH / CheXpert tree.
         source: PathBuf,
+        /// Layout: folder (default), mura, nih, chexpert.
+        #[arg(long, value_name = "KIND")]
+        format: Option<String>,
         /// The labels file inside the folder, if not labels.csv.
         #[arg(long)]
         labels: Option<String>,
+        /// MURA: only this body part (XR_SHOULDER, XR_WRIST, ...).
+        #[arg(long)]
+        body_part: Option<String>,
+        /// CheXpert: train.csv or valid.csv.
+        #[arg(long)]
+        csv: Option<String>,
+        /// CheXpert: frontal, lateral or all.
+        #[arg(long)]
+        views: Option<String>,
+        /// CheXpert: what -1 (uncertain) becomes: ones, zeros, mixed.
+        #[arg(long)]
+        uncertain: Option<String>,
         /// One JSON object on stdout (documented at `data::inspect::Inspection`).
         #[arg(long)]
         json: bool,
@@ -29,10 +44,26 @@ pub fn data(args: DataArgs) -> Result<ExitCode> {
     match args.command {
         DataCommand::Inspect {
             source,
+            format,
             labels,
+            body_part,
+            csv,
+            views,
+            uncertain,
             json,
         } => {
-            let report = inspect(&source, labels.as_deref())?;
+            let options: serde_json::Map<String, serde_json::Value> = [
+                ("source", format),
+                ("labels", labels),
+                ("body_part", body_part),
+                ("csv", csv),
+                ("views", views),
+                ("uncertain", uncertain),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), serde_json::Value::String(v))))
+            .collect();
+            let report = inspect(&source, &options)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -176,6 +176,11 @@ fn placeholder_input() -> crate::cache::KeyInput {
 }
 
 pub fn main() -> ExitCode {
+    // Piped into `head`, stop quietly as Unix tools do instead of panicking in `println!`.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

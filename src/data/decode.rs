@@ -64,10 +64,9 @@ impl Decoded {
 
 /// Decodes one file to a grey `size` x `size` square.
 pub fn decode_grey(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
-        .with_guessed_format()?
-        .decode()
+    let bytes = std::fs::read(path).with_context(|| format!("cannot open {}", path.display()))?;
+    check_complete(&bytes).with_context(|| format!("{} is corrupt", path.display()))?;
+    let img = image::load_from_memory(&bytes)
         .with_context(|| format!("cannot decode {} (corrupt or truncated?)", path.display()))?;
     let grey = img.to_luma8();
     if grey.width() == 0 || grey.height() == 0 {
@@ -80,6 +79,21 @@ pub fn decode_grey(path: &Path, size: usize) -> Result<Vec<u8>> {
         image::imageops::FilterType::Triangle,
     );
     Ok(resized.into_raw())
+}
+
+/// The JPEG decoder fills a truncated file's missing rows with grey instead of failing, so a
+/// JPEG must end with its end-of-image marker (trailing padding allowed).
+pub fn check_complete(bytes: &[u8]) -> Result<()> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        let end = bytes
+            .iter()
+            .rposition(|&b| b != 0x00 && b != b'\n' && b != b'\r')
+            .map_or(0, |i| i + 1);
+        if end < 4 || bytes[end - 2..end] != [0xFF, 0xD9] {
+            bail!("truncated JPEG: no end-of-image marker");
+        }
+    }
+    Ok(())
 }
 
 /// Decodes `paths` at `size`, reusing `cache_dir/decoded-<key>.bin` when the same files (by path,

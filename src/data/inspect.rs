@@ -33,8 +33,12 @@ pub struct BadFile {
     pub error: String,
 }
 
-pub fn inspect(root: &Path, labels: Option<&str>) -> Result<Inspection> {
-    let ds = source::open(root, labels)?;
+/// `options` are a data entry's (`source`, `labels`, `body_part`, ...).
+pub fn inspect(
+    root: &Path,
+    options: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Inspection> {
+    let ds = source::open_with(root, options)?;
     let mut per_split: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for s in &ds.samples {
         let split = match s.split {
@@ -43,14 +47,26 @@ pub fn inspect(root: &Path, labels: Option<&str>) -> Result<Inspection> {
             Some(Split::Test) => "test",
             None => "unsplit",
         };
-        let label = s
-            .label
-            .map_or("(none)".to_owned(), |l| ds.classes[l].clone());
-        *per_split
-            .entry(split.to_owned())
-            .or_default()
-            .entry(label)
-            .or_default() += 1;
+        let counts = per_split.entry(split.to_owned()).or_default();
+        match (&s.targets, s.label) {
+            // Multi-label: one count per positive finding, and images with none.
+            (Some(t), _) => {
+                let positives: Vec<&String> = t
+                    .iter()
+                    .zip(&ds.classes)
+                    .filter(|(v, _)| **v >= 0.5)
+                    .map(|(_, c)| c)
+                    .collect();
+                if positives.is_empty() {
+                    *counts.entry("(no positive finding)".into()).or_default() += 1;
+                }
+                for c in positives {
+                    *counts.entry(c.clone()).or_default() += 1;
+                }
+            }
+            (None, Some(l)) => *counts.entry(ds.classes[l].clone()).or_default() += 1,
+            (None, None) => *counts.entry("(none)".into()).or_default() += 1,
+        }
     }
     let groups = ds
         .samples
@@ -62,8 +78,9 @@ pub fn inspect(root: &Path, labels: Option<&str>) -> Result<Inspection> {
         .samples
         .par_iter()
         .map(|s| {
-            let reader = image::ImageReader::open(&s.path)
-                .map_err(|e| e.to_string())?
+            let bytes = std::fs::read(&s.path).map_err(|e| e.to_string())?;
+            super::decode::check_complete(&bytes).map_err(|e| e.to_string())?;
+            let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
                 .with_guessed_format()
                 .map_err(|e| e.to_string())?;
             let img = reader.decode().map_err(|e| e.to_string())?;

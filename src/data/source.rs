@@ -35,6 +35,8 @@ pub struct Sample {
     pub group: Option<String>,
     /// Where the sample was declared, for error messages (`labels.csv:17`).
     pub origin: String,
+    /// Multi-label targets (NIH, CheXpert), one value per class in `Dataset::classes`.
+    pub targets: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,6 +148,7 @@ pub fn folder_with_csv(root: &Path, csv: &str, classes: Option<&[String]>) -> Re
             split,
             group,
             origin,
+            targets: None,
         });
     }
     if samples.is_empty() {
@@ -230,6 +233,7 @@ pub fn class_folders(root: &Path) -> Result<Dataset> {
             label: classes.iter().position(|c| *c == class),
             split,
             group: None,
+            targets: None,
             path,
         })
         .collect();
@@ -238,6 +242,30 @@ pub fn class_folders(root: &Path) -> Result<Dataset> {
         classes,
         samples,
     })
+}
+
+/// Opens a data input as its `source` option says: `folder` (default: `labels.csv`, or the file
+/// named in `labels`, else class folders), `mura`, `nih` or `chexpert` (see `formats`).
+pub fn open_with(
+    root: &Path,
+    options: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Dataset> {
+    let opt = |k: &str| options.get(k).and_then(|v| v.as_str());
+    match opt("source").unwrap_or("folder") {
+        "folder" => open(root, opt("labels")),
+        "mura" => super::formats::mura(root, opt("body_part")),
+        "nih" => super::formats::nih(root),
+        "chexpert" => super::formats::chexpert(
+            root,
+            opt("csv").unwrap_or("train.csv"),
+            opt("views").unwrap_or("frontal"),
+            opt("uncertain").unwrap_or("mixed"),
+        ),
+        other => bail!(
+            "{}: unknown data source `{other}` (folder, mura, nih, chexpert)",
+            root.display()
+        ),
+    }
 }
 
 /// Opens a data folder: `labels.csv` if present (or the file named in `labels`), class folders otherwise.

@@ -36,8 +36,7 @@ impl ImageSet {
         on_bad: OnBadImage,
         ctx: &StageCtx,
     ) -> Result<ImageSet> {
-        let labels = item.options.get("labels").and_then(|v| v.as_str());
-        let mut dataset = source::open(&item.path, labels)?;
+        let mut dataset = source::open_with(&item.path, &item.options)?;
         if let Some(max) = max_images {
             // Evenly spaced, so every class and split keeps its share.
             let n = dataset.samples.len();
@@ -92,6 +91,9 @@ impl ImageSet {
     /// Label of decoded image `pos`; an unlabelled image is an error naming its CSV row.
     pub fn label(&self, pos: usize) -> Result<u32> {
         let s = &self.dataset.samples[self.sample_of[pos]];
+        if s.label.is_none() && s.targets.is_some() {
+            bail!("{}: this data set is multi-label (NIH / CheXpert); the stage kinds train single-label classifiers so far", s.origin);
+        }
         s.label
             .map(|l| l as u32)
             .with_context(|| format!("{}: image has no label", s.origin))

@@ -1,6 +1,7 @@
 //! The integration tests: one binary (faster to link), one module per area.
 
 mod cli_errors;
+mod datasets;
 mod fuzz;
 mod orchestrator;
 mod science;

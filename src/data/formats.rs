@@ -1,0 +1,359 @@
+//! Readers for the public X-ray collections researchers have, from their exact published layouts.
+//!
+//! - MURA v1.1: `*_image_paths.csv` and `*_labeled_studies.csv` have **no header row**; labels are
+//!   per study (1 = abnormal) and images inherit them; `valid` serves as the test split; groups
+//!   are studies, so study-level scoring (mean image probability) works; `body_part` filters
+//!   (`XR_SHOULDER`).
+//! - NIH ChestX-ray14: `Data_Entry_2017.csv` (the original's trailing comma tolerated), pipe-
+//!   separated findings with `No Finding` as all-zero, `train_val_list.txt` / `test_list.txt`,
+//!   patients as groups; images found under `images*/` wherever the archives were unpacked.
+//!   `BBox_List_2017.csv` boxes (with `Infiltrate` mapped to `Infiltration`) through [`nih_boxes`].
+//! - CheXpert: `train.csv` / `valid.csv` with the 14 observations, a view filter, and the
+//!   uncertainty policy for -1 labels: `ones`, `zeros`, or `mixed` (U-Ones for Atelectasis and
+//!   Edema, U-Zeros for the rest, the common practice).
+
+use super::source::{csv_fields, Dataset, Sample, Split};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The folder that `MURA-v1.1/...` paths are relative to: `root` itself or its parent.
+fn base_for(root: &Path, prefix: &str) -> PathBuf {
+    if root.file_name().is_some_and(|n| n == prefix) {
+        root.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        root.to_path_buf()
+    }
+}
+
+pub fn mura(root: &Path, body_part: Option<&str>) -> Result<Dataset> {
+    let base = base_for(root, "MURA-v1.1");
+    let dir = base.join("MURA-v1.1");
+    let mut samples = Vec::new();
+    for (split_name, split) in [("train", Split::Train), ("valid", Split::Test)] {
+        let studies_csv = dir.join(format!("{split_name}_labeled_studies.csv"));
+        let mut study_label: HashMap<String, usize> = HashMap::new();
+        for (i, line) in read(&studies_csv)?
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let f = csv_fields(line);
+            let (Some(study), Some(label)) = (f.first(), f.get(1)) else {
+                bail!(
+                    "{}:{}: expected `study_dir/,label`",
+                    studies_csv.display(),
+                    i + 1
+                )
+            };
+            let label: usize = label.trim().parse().with_context(|| {
+                format!(
+                    "{}:{}: label `{label}` is not 0 or 1 (the file has no header row)",
+                    studies_csv.display(),
+                    i + 1
+                )
+            })?;
+            study_label.insert(study.trim().trim_end_matches('/').to_owned(), label);
+        }
+        let paths_csv = dir.join(format!("{split_name}_image_paths.csv"));
+        for (i, line) in read(&paths_csv)?
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let rel = line.trim().trim_matches('"');
+            if body_part.is_some_and(|b| !rel.split('/').any(|seg| seg == b)) {
+                continue;
+            }
+            let study = rel.rsplit_once('/').map_or(rel, |(s, _)| s);
+            let label = *study_label.get(study).with_context(|| {
+                format!(
+                    "{}:{}: study {study} is not in {}",
+                    paths_csv.display(),
+                    i + 1,
+                    studies_csv.display()
+                )
+            })?;
+            samples.push(Sample {
+                path: base.join(rel),
+                label: Some(label),
+                split: Some(split),
+                group: Some(study.to_owned()),
+                origin: format!("{}:{}", paths_csv.display(), i + 1),
+                targets: None,
+            });
+        }
+    }
+    if samples.is_empty() {
+        bail!(
+            "{}: no MURA images{}",
+            dir.display(),
+            body_part.map_or(String::new(), |b| format!(" for body part {b}"))
+        );
+    }
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        classes: vec!["negative".into(), "positive".into()],
+        samples,
+    })
+}
+
+pub const NIH_FINDINGS: [&str; 14] = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+];
+
+/// Every file under `root` by file name (the NIH archives unpack into `images_001/images/...`).
+fn index_images(root: &Path) -> HashMap<String, PathBuf> {
+    let mut out = HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "png") {
+                out.insert(e.file_name().to_string_lossy().into_owned(), p);
+            }
+        }
+    }
+    out
+}
+
+pub fn nih(root: &Path) -> Result<Dataset> {
+    let entry = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"]
+        .iter()
+        .map(|f| root.join(f))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{}: no Data_Entry_2017.csv", root.display()))?;
+    let text = read(&entry)?;
+    let mut lines = text.lines().enumerate();
+    let header: Vec<String> = csv_fields(lines.next().map(|l| l.1).unwrap_or_default())
+        .into_iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("{}: no `{name}` column", entry.display()))
+    };
+    let (ci, cf, cp) = (
+        col("Image Index")?,
+        col("Finding Labels")?,
+        col("Patient ID")?,
+    );
+    let list = |f: &str| -> Result<std::collections::HashSet<String>> {
+        Ok(read(&root.join(f))?
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
+    };
+    let (train, test) = (list("train_val_list.txt")?, list("test_list.txt")?);
+    let images = index_images(root);
+    let mut samples = Vec::new();
+    for (i, line) in lines.filter(|(_, l)| !l.trim().is_empty()) {
+        let f = csv_fields(line);
+        let origin = format!("{}:{}", entry.display(), i + 1);
+        let name = f.get(ci).map(|s| s.trim()).unwrap_or_default();
+        let mut targets = vec![0f32; NIH_FINDINGS.len()];
+        for finding in f
+            .get(cf)
+            .map(String::as_str)
+            .unwrap_or_default()
+            .split('|')
+            .map(str::trim)
+        {
+            if finding == "No Finding" || finding.is_empty() {
+                continue;
+            }
+            let k = NIH_FINDINGS
+                .iter()
+                .position(|x| *x == finding)
+                .with_context(|| format!("{origin}: unknown finding `{finding}`"))?;
+            targets[k] = 1.0;
+        }
+        let split = if test.contains(name) {
+            Split::Test
+        } else if train.contains(name) {
+            Split::Train
+        } else {
+            continue;
+        };
+        let path = images
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| root.join("images").join(name));
+        samples.push(Sample {
+            path,
+            label: None,
+            split: Some(split),
+            group: f.get(cp).map(|s| s.trim().to_owned()),
+            origin,
+            targets: Some(targets),
+        });
+    }
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        classes: NIH_FINDINGS.iter().map(|s| s.to_string()).collect(),
+        samples,
+    })
+}
+
+/// A box from `BBox_List_2017.csv`: top-left (x, y) and size, in pixels of the 1024 x 1024 image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FindingBox {
+    pub image: String,
+    pub finding: String,
+    pub xywh: [f32; 4],
+}
+
+pub fn nih_boxes(root: &Path) -> Result<Vec<FindingBox>> {
+    let file = root.join("BBox_List_2017.csv");
+    let mut out = Vec::new();
+    for (i, line) in read(&file)?
+        .lines()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let f = csv_fields(line);
+        let num = |k: usize| -> Result<f32> {
+            f.get(k)
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("{}:{}: bad box", file.display(), i + 1))
+        };
+        let finding = f.get(1).map(|s| s.trim()).unwrap_or_default();
+        out.push(FindingBox {
+            image: f.first().map(|s| s.trim().to_owned()).unwrap_or_default(),
+            finding: if finding == "Infiltrate" {
+                "Infiltration".into()
+            } else {
+                finding.to_owned()
+            },
+            xywh: [num(2)?, num(3)?, num(4)?, num(5)?],
+        });
+    }
+    Ok(out)
+}
+
+pub const CHEXPERT_OBSERVATIONS: [&str; 14] = [
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+];
+
+pub fn chexpert(root: &Path, csv: &str, views: &str, uncertain: &str) -> Result<Dataset> {
+    let base = base_for(root, "CheXpert-v1.0-small");
+    let dir = if root.join(csv).is_file() {
+        root.to_path_buf()
+    } else {
+        base.join("CheXpert-v1.0-small")
+    };
+    let file = dir.join(csv);
+    let text = read(&file)?;
+    let mut lines = text.lines().enumerate();
+    let header: Vec<String> = csv_fields(lines.next().map(|l| l.1).unwrap_or_default())
+        .into_iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("{}: no `{name}` column", file.display()))
+    };
+    let (cpath, cview) = (col("Path")?, col("Frontal/Lateral")?);
+    let cols: Vec<usize> = CHEXPERT_OBSERVATIONS
+        .iter()
+        .map(|o| col(o))
+        .collect::<Result<_>>()?;
+    let policy = |obs: &str| -> Result<f32> {
+        Ok(match uncertain {
+            "ones" => 1.0,
+            "zeros" => 0.0,
+            "mixed" => {
+                if obs == "Atelectasis" || obs == "Edema" {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            other => bail!("uncertain: `{other}` is not ones, zeros or mixed"),
+        })
+    };
+    let split = if csv.contains("valid") {
+        Split::Test
+    } else {
+        Split::Train
+    };
+    let mut samples = Vec::new();
+    for (i, line) in lines.filter(|(_, l)| !l.trim().is_empty()) {
+        let f = csv_fields(line);
+        let origin = format!("{}:{}", file.display(), i + 1);
+        let view = f.get(cview).map(|s| s.trim()).unwrap_or_default();
+        if views != "all" && !view.eq_ignore_ascii_case(views) {
+            continue;
+        }
+        let mut targets = Vec::with_capacity(cols.len());
+        for (k, &c) in cols.iter().enumerate() {
+            let v = f.get(c).map(|s| s.trim()).unwrap_or_default();
+            targets.push(match v {
+                "" => 0.0,
+                "-1.0" | "-1" => policy(CHEXPERT_OBSERVATIONS[k])?,
+                x => x
+                    .parse::<f32>()
+                    .with_context(|| format!("{origin}: `{x}` is not 1.0, 0.0, -1.0 or blank"))?,
+            });
+        }
+        let rel = f.get(cpath).map(|s| s.trim()).unwrap_or_default();
+        let patient = rel
+            .split('/')
+            .find(|s| s.starts_with("patient"))
+            .map(str::to_owned);
+        samples.push(Sample {
+            path: base.join(rel),
+            label: None,
+            split: Some(split),
+            group: patient,
+            origin,
+            targets: Some(targets),
+        });
+    }
+    Ok(Dataset {
+        root: root.to_path_buf(),
+        classes: CHEXPERT_OBSERVATIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        samples,
+    })
+}
