@@ -65,10 +65,16 @@ impl Decoded {
 /// Decodes one file to a grey `size` x `size` square.
 pub fn decode_grey(path: &Path, size: usize) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot open {}", path.display()))?;
-    check_complete(&bytes).with_context(|| format!("{} is corrupt", path.display()))?;
-    let img = image::load_from_memory(&bytes)
-        .with_context(|| format!("cannot decode {} (corrupt or truncated?)", path.display()))?;
-    let grey = img.to_luma8();
+    let grey = if super::dicom::is_dicom(&bytes) {
+        let (w, h, px) = super::dicom::decode(path)?;
+        image::GrayImage::from_raw(w, h, px.iter().map(|v| (v * 255.0).round() as u8).collect())
+            .context("DICOM size")?
+    } else {
+        check_complete(&bytes).with_context(|| format!("{} is corrupt", path.display()))?;
+        image::load_from_memory(&bytes)
+            .with_context(|| format!("cannot decode {} (corrupt or truncated?)", path.display()))?
+            .to_luma8()
+    };
     if grey.width() == 0 || grey.height() == 0 {
         bail!("{} has no pixels", path.display());
     }

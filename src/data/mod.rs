@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod decode;
+pub mod dicom;
 pub mod formats;
 pub mod inspect;
 pub mod loader;

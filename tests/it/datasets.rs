@@ -224,3 +224,55 @@ fn bad_images_are_named_with_their_row_or_skipped_and_counted() {
         r.stdout
     );
 }
+
+#[test]
+fn real_dicom_radiographs_load_and_look_right() {
+    use pretext::data::decode::decode_grey;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/smoke/dicom");
+    for (file, (w, h)) in [
+        ("RG1_UNCR.dcm", (1841, 1955)),
+        ("RG3_UNCR.dcm", (1760, 1760)),
+    ] {
+        let (width, height, px) = pretext::data::dicom::decode(&dir.join(file)).unwrap();
+        assert_eq!((width, height), (w, h), "{file}");
+        assert!(px.iter().all(|v| (0.0..=1.0).contains(v)));
+        let small = decode_grey(&dir.join(file), 128).unwrap();
+        if let Some(out) = std::env::var_os("PRETEXT_DEBUG_DIR") {
+            image::GrayImage::from_raw(128, 128, small.clone())
+                .unwrap()
+                .save(Path::new(&out).join(format!("{file}.png")))
+                .unwrap();
+        }
+        // MONOCHROME1 is inverted so dense tissue is bright. Chest PA: the mediastinum (centre
+        // columns) is brighter than the lung fields beside it; tibia: see below.
+        let px = &small;
+        let mean = |ys: std::ops::Range<usize>, xs: std::ops::Range<usize>| {
+            let v: Vec<f64> = ys
+                .flat_map(|y| xs.clone().map(move |x| px[y * 128 + x] as f64))
+                .collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        if file == "RG1_UNCR.dcm" {
+            let (mediastinum, lungs) = (
+                mean(40..80, 58..70),
+                (mean(40..80, 25..45) + mean(40..80, 83..103)) / 2.0,
+            );
+            assert!(
+                mediastinum > lungs + 10.0,
+                "{file}: mediastinum {mediastinum:.0} vs lungs {lungs:.0}"
+            );
+        } else {
+            // Direct exposure beside the leg is black; the collimated margins are white
+            // (unexposed), as on film.
+            let (bone, air, margin) = (
+                mean(10..60, 62..70),
+                mean(10..60, 38..44),
+                mean(10..120, 0..10),
+            );
+            assert!(
+                bone > air + 100.0 && margin > bone,
+                "{file}: tibia {bone:.0}, air {air:.0}, margin {margin:.0}"
+            );
+        }
+    }
+}
