@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a stage failed (or another runtime error), 2 a bad pipeline file or
 //! bad flags.
 
+mod bench;
 mod dag;
 mod data;
 mod gc;
@@ -65,6 +66,8 @@ enum Command {
     Kinds,
     /// Look at data folders before training on them.
     Data(data::DataArgs),
+    /// Measure the data loader beside the training step it feeds.
+    Bench(bench::BenchArgs),
 }
 
 /// Flags shared by every command that reads a pipeline.
@@ -197,6 +200,7 @@ pub fn main() -> ExitCode {
         Command::Gc(a) => gc::gc(a, &catalog),
         Command::Verify(a) => gc::verify(a),
         Command::Data(a) => data::data(a),
+        Command::Bench(a) => bench::bench(a),
         Command::Kinds => {
             print!("{}", kinds_text(&catalog));
             Ok(ExitCode::SUCCESS)
