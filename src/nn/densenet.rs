@@ -117,15 +117,23 @@ impl DenseNet {
         })
     }
 
-    /// Taps: `features.pool0`, `features.denseblockN`, `features.transitionN`, `features.norm5`.
+    /// Taps: `features.pool0`, `features.denseblockN`, `features.transitionN`, `features.norm5`,
+    /// and every convolution: `features.denseblockN.denselayerM.conv1|conv2`.
     /// `features` is norm5's output (before the final ReLU), as `model.features(x)`.
     pub fn forward_t(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Result<CnnOutput> {
         let x = bn(&self.norm0, &self.conv0.forward(x)?, train)?.relu()?;
         let mut x = taps.point("features.pool0", max_pool_3x3_s2(&x)?)?;
         for (i, (layers, transition)) in self.blocks.iter().enumerate() {
-            for l in layers {
-                let y = l.conv1.forward(&bn(&l.norm1, &x, train)?.relu()?)?;
-                let y = l.conv2.forward(&bn(&l.norm2, &y, train)?.relu()?)?;
+            for (j, l) in layers.iter().enumerate() {
+                let name = format!("features.denseblock{}.denselayer{}", i + 1, j + 1);
+                let y = taps.point(
+                    &format!("{name}.conv1"),
+                    l.conv1.forward(&bn(&l.norm1, &x, train)?.relu()?)?,
+                )?;
+                let y = taps.point(
+                    &format!("{name}.conv2"),
+                    l.conv2.forward(&bn(&l.norm2, &y, train)?.relu()?)?,
+                )?;
                 x = Tensor::cat(&[&x, &y], 1)?;
             }
             x = taps.point(&format!("features.denseblock{}", i + 1), x)?;

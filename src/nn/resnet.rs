@@ -107,11 +107,13 @@ impl ResBlock {
         Ok(ResBlock { convs, downsample })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Taps `{prefix}.conv1`.. (each convolution's output) for Grad-CAM at any conv layer.
+    fn forward(&self, x: &Tensor, train: bool, prefix: &str, taps: &mut Taps) -> Result<Tensor> {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, norm)) in self.convs.iter().enumerate() {
-            y = bn(norm, &conv.forward(&y)?, train)?;
+            let c = taps.point(&format!("{prefix}.conv{}", i + 1), conv.forward(&y)?)?;
+            y = bn(norm, &c, train)?;
             if i != last {
                 y = y.relu()?;
             }
@@ -178,13 +180,17 @@ impl ResNet {
         })
     }
 
-    /// Taps: `maxpool`, `layer1`..`layer4` (the output of each stage, i.e. of its last block).
+    /// Taps: `maxpool`, `layer1`..`layer4` (each stage's output, i.e. its last block's),
+    /// `layerN.M` (every block's output, pytorch-grad-cam's `model.layerN[M]`) and
+    /// `layerN.M.convK` (every convolution's output).
     pub fn forward_t(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Result<CnnOutput> {
         let x = bn(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
         let mut x = taps.point("maxpool", max_pool_3x3_s2(&x)?)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            for block in layer {
-                x = block.forward(&x, train)?;
+            for (j, block) in layer.iter().enumerate() {
+                let name = format!("layer{}.{j}", i + 1);
+                x = block.forward(&x, train, &name, taps)?;
+                x = taps.point(&name, x)?;
             }
             x = taps.point(&format!("layer{}", i + 1), x)?;
         }

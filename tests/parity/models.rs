@@ -324,16 +324,29 @@ fn gradcam_matches_pytorch_grad_cam() {
                 with_in_chans(model_json["config"].clone(), &x),
             );
             assert!(
-                layer.starts_with("model.layer4"),
+                layer == "model.layer4[-1]",
                 "CNN target layer `{layer}` not supported by this test"
             );
+            // `model.layer4[-1]` is the last block of layer4: tap `layer4.<last>`.
+            let last = model_json["config"]["layers"][3].as_u64().unwrap() - 1;
+            // Any convolution can be explained too; its map has that layer's resolution.
+            let inner = grad_cam(
+                |taps| Ok(net.forward_t(&x, false, taps)?.logits.unwrap()),
+                "layer3.0.conv1",
+                &per_image,
+                |t| Ok(t.clone()),
+                (h, w),
+                CamMethod::GradCam,
+            )
+            .unwrap();
+            assert_eq!(inner.low_hw, (h / 16, w / 16));
             grad_cam(
                 |taps| {
                     let l = net.forward_t(&x, false, taps)?.logits.unwrap();
                     logits_seen = Some(l.clone());
                     Ok(l)
                 },
-                "layer4",
+                &format!("layer4.{last}"),
                 &per_image,
                 |t| Ok(t.clone()),
                 (h, w),
