@@ -330,3 +330,117 @@ pub fn split_indices(ds: &Dataset, val_fraction: f64, seed: u64) -> BTreeMap<Spl
     out.insert(Split::Val, val);
     out
 }
+
+/// Grouped, label-stratified k-fold: the train groups are dealt to `k` folds (seeded shuffle per
+/// label, largest groups first, each to the currently smallest fold) and fold `fold` becomes
+/// the validation split. Test rows stay test.
+pub fn kfold_indices(
+    ds: &Dataset,
+    k: usize,
+    fold: usize,
+    seed: u64,
+) -> Result<BTreeMap<Split, Vec<usize>>> {
+    if k < 2 || fold >= k {
+        bail!("k-fold needs folds >= 2 and 0 <= fold < folds (got folds {k}, fold {fold})");
+    }
+    let mut out: BTreeMap<Split, Vec<usize>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, s) in ds.samples.iter().enumerate() {
+        match s.split {
+            Some(Split::Test) => out.entry(Split::Test).or_default().push(i),
+            _ => groups
+                .entry(s.group.clone().unwrap_or_else(|| format!("#{i}")))
+                .or_default()
+                .push(i),
+        }
+    }
+    let mut by_label: BTreeMap<Option<usize>, Vec<Vec<usize>>> = BTreeMap::new();
+    for members in groups.into_values() {
+        by_label
+            .entry(ds.samples[members[0]].label)
+            .or_default()
+            .push(members);
+    }
+    let mut rng = Rng::new(seed);
+    let mut folds: Vec<Vec<usize>> = vec![Vec::new(); k];
+    for (_, mut gs) in by_label {
+        rng.shuffle(&mut gs);
+        gs.sort_by_key(|g| std::cmp::Reverse(g.len()));
+        let mut sizes = vec![0usize; k];
+        for g in gs {
+            let target = (0..k).min_by_key(|&f| (sizes[f], f)).expect("k >= 2");
+            sizes[target] += g.len();
+            folds[target].extend(g);
+        }
+    }
+    for (f, members) in folds.into_iter().enumerate() {
+        out.entry(if f == fold { Split::Val } else { Split::Train })
+            .or_default()
+            .extend(members);
+    }
+    out.values_mut().for_each(|v| v.sort_unstable());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ds() -> Dataset {
+        let samples = (0..40)
+            .map(|i| Sample {
+                path: PathBuf::from(format!("{i}.png")),
+                label: Some(i % 2),
+                split: if i >= 36 { Some(Split::Test) } else { None },
+                group: Some(format!("p{}", i / 2)),
+                origin: String::new(),
+                targets: None,
+            })
+            .collect();
+        Dataset {
+            root: PathBuf::new(),
+            classes: vec!["a".into(), "b".into()],
+            samples,
+        }
+    }
+
+    #[test]
+    fn kfold_partitions_train_by_group_and_keeps_test() {
+        let d = ds();
+        let mut seen_val = Vec::new();
+        for fold in 0..3 {
+            let s = kfold_indices(&d, 3, fold, 7).unwrap();
+            assert_eq!(s[&Split::Test], vec![36, 37, 38, 39]);
+            let val = &s[&Split::Val];
+            let groups = |v: &[usize]| {
+                v.iter()
+                    .map(|&i| d.samples[i].group.clone().unwrap())
+                    .collect::<std::collections::BTreeSet<_>>()
+            };
+            assert!(
+                groups(val).is_disjoint(&groups(&s[&Split::Train])),
+                "a patient straddles train and validation"
+            );
+            seen_val.extend(val.iter().copied());
+        }
+        seen_val.sort_unstable();
+        assert_eq!(
+            seen_val,
+            (0..36).collect::<Vec<_>>(),
+            "every train image is validation exactly once"
+        );
+        assert!(kfold_indices(&d, 3, 3, 0).is_err());
+    }
+
+    #[test]
+    fn validation_split_is_grouped_and_stratified() {
+        let s = split_indices(&ds(), 0.25, 1);
+        let val = &s[&Split::Val];
+        assert!(!val.is_empty() && val.iter().all(|&i| i < 36));
+        let labels: Vec<usize> = val.iter().map(|&i| i % 2).collect();
+        assert!(
+            labels.contains(&0) && labels.contains(&1),
+            "both labels in validation"
+        );
+    }
+}

@@ -63,6 +63,7 @@ impl Task for Evaluate {
             inputs.item("data")?,
             card.net.img_size,
             0.0,
+            None,
             0,
             p.max_images,
             p.on_bad_image,

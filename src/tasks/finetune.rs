@@ -98,6 +98,12 @@ pub struct Params {
     pub clip_grad: Option<f64>,
     #[serde(default = "d_val")]
     pub val_fraction: f64,
+    /// k-fold instead of `val_fraction`: the train split in `folds` grouped, stratified folds,
+    /// fold `fold` (default 0) as validation. Left out of the key when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
@@ -263,6 +269,7 @@ impl Task for Finetune {
             inputs.item("data")?,
             p.img_size,
             p.val_fraction,
+            p.folds.map(|k| (k, p.fold.unwrap_or(0))),
             p.seed,
             p.max_images,
             p.on_bad_image,

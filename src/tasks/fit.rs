@@ -31,6 +31,7 @@ impl ImageSet {
         item: &InputItem,
         size: usize,
         val_fraction: f64,
+        folds: Option<(usize, usize)>,
         seed: u64,
         max_images: Option<usize>,
         on_bad: OnBadImage,
@@ -57,7 +58,10 @@ impl ImageSet {
         for (p, e) in &decoded.skipped {
             ctx.log(&format!("skipped {}: {e}", p.display()));
         }
-        let by_sample = source::split_indices(&dataset, val_fraction, seed);
+        let by_sample = match folds {
+            Some((k, fold)) => source::kfold_indices(&dataset, k, fold, seed)?,
+            None => source::split_indices(&dataset, val_fraction, seed),
+        };
         let position: HashMap<usize, usize> = decoded
             .kept
             .iter()

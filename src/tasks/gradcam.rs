@@ -193,6 +193,7 @@ impl Task for GradCamTask {
             inputs.item("data")?,
             size,
             0.0,
+            None,
             0,
             p.max_images,
             p.on_bad_image,

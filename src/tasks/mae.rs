@@ -260,6 +260,7 @@ fn pretraining_set(
         inputs.item("images")?,
         p.img_size,
         0.0,
+        None,
         p.seed,
         p.max_images,
         p.on_bad_image,

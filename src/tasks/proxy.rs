@@ -191,6 +191,7 @@ impl Task for Proxy {
             inputs.item("images")?,
             p.img_size,
             0.0,
+            None,
             p.seed,
             p.max_images,
             p.on_bad_image,
