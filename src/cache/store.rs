@@ -8,6 +8,7 @@
 //!   locks/<key>.lock       one flock per key: two runs never compute the same stage at once
 //!   state/                 fingerprint stat caches
 //!   journal/               per-pipeline history of stage keys (for `pretext status`)
+//!   scratch/               derived data any stage may recompute (decoded images); never an entry
 //! ```
 //!
 //! An entry exists if and only if its directory exists under `<kind>/`: it appears by one

@@ -276,3 +276,25 @@ fn real_dicom_radiographs_load_and_look_right() {
         }
     }
 }
+
+#[test]
+fn sixteen_bit_and_rgb_pngs_decode_to_the_same_grey() {
+    use pretext::data::decode::decode_grey;
+    let p = Project::new();
+    let src = image::open(&real_images(1)[0]).unwrap().to_luma8();
+    let (w, h) = src.dimensions();
+    // The same radiograph as 16-bit grey and as RGB with equal channels.
+    let wide = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(w, h, |x, y| {
+        image::Luma([src.get_pixel(x, y).0[0] as u16 * 257])
+    });
+    wide.save(p.path().join("wide.png")).unwrap();
+    let rgb = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = src.get_pixel(x, y).0[0];
+        image::Rgb([v, v, v])
+    });
+    rgb.save(p.path().join("rgb.png")).unwrap();
+    src.save(p.path().join("grey.png")).unwrap();
+    let grey = decode_grey(&p.path().join("grey.png"), 32).unwrap();
+    assert_eq!(decode_grey(&p.path().join("wide.png"), 32).unwrap(), grey);
+    assert_eq!(decode_grey(&p.path().join("rgb.png"), 32).unwrap(), grey);
+}
