@@ -29,13 +29,32 @@ pub struct Decoded {
     /// Positions (into the list given to [`decode_all`]) of the images that decoded.
     pub kept: Vec<usize>,
     pub skipped: Vec<(PathBuf, String)>,
-    pub pixels: Vec<u8>,
+    pixels: Pixels,
+}
+
+/// Decoded pixels: built in memory, or memory-mapped from the decoded cache file, so a stage
+/// that reuses a decoded set neither reads nor copies it up front.
+#[derive(Debug, Clone)]
+enum Pixels {
+    Owned(Vec<u8>),
+    Mapped {
+        map: std::sync::Arc<memmap2::Mmap>,
+        offset: usize,
+    },
 }
 
 impl Decoded {
+    /// All images back to back, `len() * size * size` bytes.
+    pub fn pixels(&self) -> &[u8] {
+        match &self.pixels {
+            Pixels::Owned(v) => v,
+            Pixels::Mapped { map, offset } => &map[*offset..],
+        }
+    }
+
     pub fn image(&self, i: usize) -> &[u8] {
         let n = self.size * self.size;
-        &self.pixels[i * n..(i + 1) * n]
+        &self.pixels()[i * n..(i + 1) * n]
     }
     pub fn len(&self) -> usize {
         self.kept.len()
@@ -141,13 +160,15 @@ pub fn decode_all(
         size,
         kept: Vec::new(),
         skipped: Vec::new(),
-        pixels: Vec::with_capacity(paths.len() * size * size),
+        pixels: Pixels::Owned(Vec::with_capacity(paths.len() * size * size)),
     };
     for (i, r) in results.into_iter().enumerate() {
         match r {
             Ok(px) => {
                 out.kept.push(i);
-                out.pixels.extend(px);
+                if let Pixels::Owned(v) = &mut out.pixels {
+                    v.extend(px);
+                }
             }
             Err(e) => match on_bad {
                 OnBadImage::Error => {
@@ -189,7 +210,7 @@ fn write_cache(file: &Path, d: &Decoded) -> Result<()> {
         for &k in &d.kept {
             w.write_all(&(k as u64).to_le_bytes())?;
         }
-        w.write_all(&d.pixels)?;
+        w.write_all(d.pixels())?;
         w.flush()?;
     }
     tmp.persist(file)?;
@@ -197,7 +218,11 @@ fn write_cache(file: &Path, d: &Decoded) -> Result<()> {
 }
 
 fn read_cache(file: &Path, size: usize) -> Result<Decoded> {
-    let bytes = std::fs::read(file)?;
+    let f = std::fs::File::open(file)?;
+    // SAFETY: cache files are written to a temporary name and renamed into place, never
+    // modified afterwards, so the mapping does not change under us.
+    let map = unsafe { memmap2::Mmap::map(&f)? };
+    let bytes: &[u8] = &map;
     let u64_at = |o: usize| -> Result<u64> {
         Ok(u64::from_le_bytes(
             bytes.get(o..o + 8).context("truncated")?.try_into()?,
@@ -216,17 +241,21 @@ fn read_cache(file: &Path, size: usize) -> Result<Decoded> {
         kept.push(u64_at(off)? as usize);
         off += 8;
     }
-    let pixels = bytes.get(off..).context("truncated")?.to_vec();
-    if pixels.len() != n * size * size {
+    if bytes.len().checked_sub(off) != Some(n * size * size) {
         bail!("decoded cache has the wrong length");
     }
+    let skipped = skipped
+        .into_iter()
+        .map(|(p, e)| (PathBuf::from(p), e))
+        .collect();
+    let pixels = Pixels::Mapped {
+        map: std::sync::Arc::new(map),
+        offset: off,
+    };
     Ok(Decoded {
         size,
         kept,
-        skipped: skipped
-            .into_iter()
-            .map(|(p, e)| (PathBuf::from(p), e))
-            .collect(),
+        skipped,
         pixels,
     })
 }
@@ -236,4 +265,29 @@ pub fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();
     Rng::stream(seed, epoch, 0xE90C).shuffle(&mut v);
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_decoded_cache_maps_back_the_same_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.png");
+        image::GrayImage::from_fn(20, 10, |x, y| image::Luma([(x * 10 + y) as u8]))
+            .save(&img)
+            .unwrap();
+        let paths = vec![img.clone(), img];
+        let origins = vec![String::new(); 2];
+        let first = decode_all(&paths, &origins, 8, Some(dir.path()), OnBadImage::Error).unwrap();
+        assert!(matches!(first.pixels, Pixels::Owned(_)));
+        let again = decode_all(&paths, &origins, 8, Some(dir.path()), OnBadImage::Error).unwrap();
+        assert!(
+            matches!(again.pixels, Pixels::Mapped { .. }),
+            "the second decode reads the cache file"
+        );
+        assert_eq!(first.pixels(), again.pixels());
+        assert_eq!(again.kept, vec![0, 1]);
+    }
 }

@@ -298,3 +298,19 @@ fn sixteen_bit_and_rgb_pngs_decode_to_the_same_grey() {
     assert_eq!(decode_grey(&p.path().join("wide.png"), 32).unwrap(), grey);
     assert_eq!(decode_grey(&p.path().join("rgb.png"), 32).unwrap(), grey);
 }
+
+#[test]
+fn inspect_reads_the_shared_data_when_it_is_there() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if !shared.is_dir() {
+        eprintln!("SKIPPED inspect_reads_the_shared_data_when_it_is_there: no ../shared/data beside this clone");
+        return;
+    }
+    let p = Project::new();
+    let chest = inspect(&p, &[shared.join("chest-pneumonia224").to_str().unwrap()]);
+    assert_eq!(chest["images"], 5216);
+    assert_eq!(chest["per_split"]["train"]["NORMAL"], 1341);
+    assert!(chest["bad"].as_array().unwrap().is_empty());
+    let smoke = inspect(&p, &[shared.join("smoke/chest-fullres").to_str().unwrap()]);
+    assert_eq!(smoke["images"], 16);
+}

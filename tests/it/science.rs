@@ -245,7 +245,7 @@ fn models_learn_on_real_images_and_every_parameter_gets_a_gradient() {
     )
     .unwrap();
     let x: Vec<f32> = decoded
-        .pixels
+        .pixels()
         .iter()
         .map(|&v| v as f32 / 255.0 - 0.5)
         .collect();
