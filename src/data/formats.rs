@@ -21,6 +21,41 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// A CSV with a header row: the trimmed column names and the (line number, fields) of every
+/// non-empty data row.
+struct Table {
+    file: PathBuf,
+    header: Vec<String>,
+    rows: Vec<(usize, Vec<String>)>,
+}
+
+impl Table {
+    fn read(file: &Path) -> Result<Table> {
+        let text = read(file)?;
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty());
+        let header = csv_fields(lines.next().map(|l| l.1).unwrap_or_default())
+            .into_iter()
+            .map(|h| h.trim().to_owned())
+            .collect();
+        let rows = lines.map(|(i, l)| (i + 1, csv_fields(l))).collect();
+        Ok(Table {
+            file: file.to_path_buf(),
+            header,
+            rows,
+        })
+    }
+
+    fn column(&self, name: &str) -> Result<usize> {
+        self.header
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("{}: no `{name}` column", self.file.display()))
+    }
+}
+
 /// The folder that `MURA-v1.1/...` paths are relative to: `root` itself or its parent.
 fn base_for(root: &Path, prefix: &str) -> PathBuf {
     if root.file_name().is_some_and(|n| n == prefix) {
@@ -142,22 +177,11 @@ pub fn nih(root: &Path) -> Result<Dataset> {
         .map(|f| root.join(f))
         .find(|p| p.is_file())
         .with_context(|| format!("{}: no Data_Entry_2017.csv", root.display()))?;
-    let text = read(&entry)?;
-    let mut lines = text.lines().enumerate();
-    let header: Vec<String> = csv_fields(lines.next().map(|l| l.1).unwrap_or_default())
-        .into_iter()
-        .map(|h| h.trim().to_owned())
-        .collect();
-    let col = |name: &str| {
-        header
-            .iter()
-            .position(|h| h == name)
-            .with_context(|| format!("{}: no `{name}` column", entry.display()))
-    };
+    let table = Table::read(&entry)?;
     let (ci, cf, cp) = (
-        col("Image Index")?,
-        col("Finding Labels")?,
-        col("Patient ID")?,
+        table.column("Image Index")?,
+        table.column("Finding Labels")?,
+        table.column("Patient ID")?,
     );
     let list = |f: &str| -> Result<std::collections::HashSet<String>> {
         Ok(read(&root.join(f))?
@@ -169,9 +193,8 @@ pub fn nih(root: &Path) -> Result<Dataset> {
     let (train, test) = (list("train_val_list.txt")?, list("test_list.txt")?);
     let images = index_images(root);
     let mut samples = Vec::new();
-    for (i, line) in lines.filter(|(_, l)| !l.trim().is_empty()) {
-        let f = csv_fields(line);
-        let origin = format!("{}:{}", entry.display(), i + 1);
+    for (line_no, f) in &table.rows {
+        let origin = format!("{}:{line_no}", entry.display());
         let name = f.get(ci).map(|s| s.trim()).unwrap_or_default();
         let mut targets = vec![0f32; NIH_FINDINGS.len()];
         for finding in f
@@ -279,22 +302,11 @@ pub fn chexpert(root: &Path, csv: &str, views: &str, uncertain: &str) -> Result<
         base.join("CheXpert-v1.0-small")
     };
     let file = dir.join(csv);
-    let text = read(&file)?;
-    let mut lines = text.lines().enumerate();
-    let header: Vec<String> = csv_fields(lines.next().map(|l| l.1).unwrap_or_default())
-        .into_iter()
-        .map(|h| h.trim().to_owned())
-        .collect();
-    let col = |name: &str| {
-        header
-            .iter()
-            .position(|h| h == name)
-            .with_context(|| format!("{}: no `{name}` column", file.display()))
-    };
-    let (cpath, cview) = (col("Path")?, col("Frontal/Lateral")?);
+    let table = Table::read(&file)?;
+    let (cpath, cview) = (table.column("Path")?, table.column("Frontal/Lateral")?);
     let cols: Vec<usize> = CHEXPERT_OBSERVATIONS
         .iter()
-        .map(|o| col(o))
+        .map(|o| table.column(o))
         .collect::<Result<_>>()?;
     let policy = |obs: &str| -> Result<f32> {
         Ok(match uncertain {
@@ -316,9 +328,8 @@ pub fn chexpert(root: &Path, csv: &str, views: &str, uncertain: &str) -> Result<
         Split::Train
     };
     let mut samples = Vec::new();
-    for (i, line) in lines.filter(|(_, l)| !l.trim().is_empty()) {
-        let f = csv_fields(line);
-        let origin = format!("{}:{}", file.display(), i + 1);
+    for (line_no, f) in &table.rows {
+        let origin = format!("{}:{line_no}", file.display());
         let view = f.get(cview).map(|s| s.trim()).unwrap_or_default();
         if views != "all" && !view.eq_ignore_ascii_case(views) {
             continue;

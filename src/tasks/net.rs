@@ -56,6 +56,25 @@ pub mod defaults {
     }
 }
 
+/// The two inputs of the self-supervised kinds (mae, proxy): unlabelled images and an optional
+/// encoder to start from.
+pub fn images_and_init_inputs() -> Vec<super::InputSlot> {
+    vec![
+        super::InputSlot {
+            name: "images",
+            required: true,
+            many: false,
+            doc: "a data folder (labels unused)",
+        },
+        super::InputSlot {
+            name: "init",
+            required: false,
+            many: false,
+            doc: "an encoder to start from (e.g. `chest_mae.encoder`)",
+        },
+    ]
+}
+
 /// The two inputs of the kinds that use a fine-tuned model on a labelled set (evaluate, gradcam).
 pub fn model_and_data_inputs() -> Vec<super::InputSlot> {
     vec![

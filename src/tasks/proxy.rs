@@ -161,20 +161,7 @@ impl Task for Proxy {
     type Params = Params;
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
-        Some(vec![
-            InputSlot {
-                name: "images",
-                required: true,
-                many: false,
-                doc: "a data folder (labels unused)",
-            },
-            InputSlot {
-                name: "init",
-                required: false,
-                many: false,
-                doc: "an encoder to start from (e.g. `chest_mae.encoder`)",
-            },
-        ])
+        Some(super::net::images_and_init_inputs())
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {
