@@ -22,6 +22,9 @@ enum DataCommand {
         /// The labels file inside the folder, if not labels.csv.
         #[arg(long)]
         labels: Option<String>,
+        /// Declared classes, comma-separated: a label outside them is an error naming its row.
+        #[arg(long, value_delimiter = ',')]
+        classes: Vec<String>,
         /// MURA: only this body part (XR_SHOULDER, XR_WRIST, ...).
         #[arg(long)]
         body_part: Option<String>,
@@ -46,6 +49,7 @@ pub fn data(args: DataArgs) -> Result<ExitCode> {
             source,
             format,
             labels,
+            classes,
             body_part,
             csv,
             views,
@@ -63,6 +67,10 @@ pub fn data(args: DataArgs) -> Result<ExitCode> {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k.to_owned(), serde_json::Value::String(v))))
             .collect();
+            let mut options = options;
+            if !classes.is_empty() {
+                options.insert("classes".into(), serde_json::json!(classes));
+            }
             let report = inspect(&source, &options)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -252,7 +252,17 @@ pub fn open_with(
 ) -> Result<Dataset> {
     let opt = |k: &str| options.get(k).and_then(|v| v.as_str());
     match opt("source").unwrap_or("folder") {
-        "folder" => open(root, opt("labels")),
+        "folder" => match options.get("classes").and_then(|v| v.as_array()) {
+            // Declared classes fix the label set and its order; any other label is an error.
+            Some(list) => {
+                let classes: Vec<String> = list
+                    .iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .collect();
+                folder_with_csv(root, opt("labels").unwrap_or("labels.csv"), Some(&classes))
+            }
+            None => open(root, opt("labels")),
+        },
         "mura" => super::formats::mura(root, opt("body_part")),
         "nih" => super::formats::nih(root),
         "chexpert" => super::formats::chexpert(

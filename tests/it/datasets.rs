@@ -314,3 +314,22 @@ fn inspect_reads_the_shared_data_when_it_is_there() {
     let smoke = inspect(&p, &[shared.join("smoke/chest-fullres").to_str().unwrap()]);
     assert_eq!(smoke["images"], 16);
 }
+
+#[test]
+fn a_label_outside_the_declared_classes_names_its_row() {
+    let p = Project::new();
+    png(&real_images(1)[0], &p.path().join("set/a.png"));
+    p.write(
+        "set/labels.csv",
+        "path,label\na.png,NORMAL\na.png,PNEUMONIA_FUNGAL\n",
+    );
+    let r = p.run(&["data", "inspect", "set", "--classes", "NORMAL,PNEUMONIA"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("labels.csv:3")
+            && r.stderr.contains("PNEUMONIA_FUNGAL")
+            && r.stderr.contains("declared classes"),
+        "{}",
+        r.stderr
+    );
+}
