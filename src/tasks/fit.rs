@@ -3,7 +3,7 @@
 
 use super::{InputItem, StageCtx};
 use crate::data::decode::{decode_all, Decoded, OnBadImage};
-use crate::data::loader::Batch;
+use crate::data::loader::{Batch, Normalize};
 use crate::data::source::{self, Dataset, Split};
 use crate::nn::params::ParamStore;
 use crate::train::lars::Lars;
@@ -86,6 +86,23 @@ impl ImageSet {
             splits,
             sample_of,
         })
+    }
+
+    /// For self-supervised stages: every image not held out for testing (train and val), and
+    /// the normalisation measured on them.
+    pub fn unlabelled(
+        item: &InputItem,
+        size: usize,
+        seed: u64,
+        max_images: Option<usize>,
+        on_bad: OnBadImage,
+        ctx: &StageCtx,
+    ) -> Result<(ImageSet, Vec<usize>, Normalize)> {
+        let set = ImageSet::open(item, size, 0.0, None, seed, max_images, on_bad, ctx)?;
+        let mut positions = set.split(Split::Train).to_vec();
+        positions.extend_from_slice(set.split(Split::Val));
+        let (mean, std) = set.decoded.stats(&positions);
+        Ok((set, positions, Normalize { mean, std }))
     }
 
     pub fn split(&self, split: Split) -> &[usize] {

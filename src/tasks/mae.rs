@@ -9,7 +9,6 @@ use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::augment::Grey;
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
-use crate::data::source::Split;
 use crate::nn::mae::{masking_noise, plan_mask, Mae, MaeConfig, Masking};
 use crate::nn::masked_cnn::{masked_mse, pixel_mask, PixelHead};
 use crate::nn::params::ParamStore;
@@ -237,32 +236,27 @@ impl Task for MaeTask {
     }
 }
 
-/// Images for self-supervised training (everything but the test split) and their statistics.
+/// The pretraining images (see `ImageSet::unlabelled`), refusing an empty set.
 fn pretraining_set(
     p: &Params,
     inputs: &Inputs,
     ctx: &StageCtx,
 ) -> Result<(ImageSet, Vec<usize>, Normalize)> {
-    let set = ImageSet::open(
+    let (set, train, norm) = ImageSet::unlabelled(
         inputs.item("images")?,
         p.img_size,
-        0.0,
-        None,
         p.seed,
         p.max_images,
         p.on_bad_image,
         ctx,
     )?;
-    let mut train: Vec<usize> = set.split(Split::Train).to_vec();
-    train.extend_from_slice(set.split(Split::Val));
     if train.is_empty() {
         bail!(
             "{}: no images to pretrain on",
             inputs.path("images")?.display()
         );
     }
-    let (mean, std) = set.decoded.stats(&train);
-    Ok((set, train, Normalize { mean, std }))
+    Ok((set, train, norm))
 }
 
 /// One pretraining epoch's batches: augmented, normalised views.

@@ -14,8 +14,7 @@ use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::augment::{crop_resize, jigsaw_tiles, rotate90, Grey};
 use crate::data::decode::OnBadImage;
-use crate::data::loader::{self, Normalize, TrainAug};
-use crate::data::source::Split;
+use crate::data::loader::{self, TrainAug};
 use crate::nn::ops::cross_entropy;
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
@@ -174,26 +173,20 @@ impl Task for Proxy {
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let dev = Device::Cpu;
-        let set = ImageSet::open(
+        let (set, train, norm) = ImageSet::unlabelled(
             inputs.item("images")?,
             p.img_size,
-            0.0,
-            None,
             p.seed,
             p.max_images,
             p.on_bad_image,
             ctx,
         )?;
-        let mut train = set.split(Split::Train).to_vec();
-        train.extend_from_slice(set.split(Split::Val));
         if train.len() < 2 {
             bail!(
                 "{}: a proxy task needs at least two images",
                 inputs.path("images")?.display()
             );
         }
-        let (mean, std) = set.decoded.stats(&train);
-        let norm = Normalize { mean, std };
         let perms = Arc::new(hamming_permutations(
             9,
             p.jigsaw_perms.max(2),
