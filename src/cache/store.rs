@@ -110,9 +110,12 @@ pub struct Staging {
     key: StageKey,
 }
 
+/// The cache's own folders; every other top-level folder holds the entries of one kind.
+const NOT_KINDS: [&str; 6] = ["tmp", "locks", "state", "journal", "scratch", "jobs"];
+
 impl Store {
     pub fn open(root: &Path) -> io::Result<Store> {
-        for sub in ["tmp", "locks", "state", "journal", "scratch"] {
+        for sub in NOT_KINDS {
             fs::create_dir_all(root.join(sub)).map_err(|e| {
                 io::Error::new(
                     e.kind(),
@@ -137,6 +140,10 @@ impl Store {
     /// Derived data any stage may recompute (decoded images); never part of an entry.
     pub fn scratch_dir(&self) -> PathBuf {
         self.root.join("scratch")
+    }
+    /// Job scripts, stage job files and logs of Slurm runs, one folder per run.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.root.join("jobs")
     }
     pub fn journal_dir(&self) -> PathBuf {
         self.root.join("journal")
@@ -249,9 +256,7 @@ impl Store {
         for kind_dir in fs::read_dir(&self.root)? {
             let kind_dir = kind_dir?;
             let kind = kind_dir.file_name().to_string_lossy().into_owned();
-            if ["tmp", "locks", "state", "journal", "scratch"].contains(&kind.as_str())
-                || !kind_dir.file_type()?.is_dir()
-            {
+            if NOT_KINDS.contains(&kind.as_str()) || !kind_dir.file_type()?.is_dir() {
                 continue;
             }
             for e in fs::read_dir(kind_dir.path())? {

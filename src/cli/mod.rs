@@ -68,6 +68,31 @@ enum Command {
     Data(data::DataArgs),
     /// Measure the data loader beside the training step it feeds.
     Bench(bench::BenchArgs),
+    /// Run one stage frozen into a job file (what a Slurm job of `run --executor slurm` runs).
+    #[command(hide = true)]
+    ExecJob(ExecJobArgs),
+}
+
+#[derive(Args)]
+struct ExecJobArgs {
+    /// The stage job file (JSON, see src/exec/stage_job.rs).
+    file: PathBuf,
+}
+
+/// Prints the stage's events as JSON lines for the submitting run to read back; exit 0 when the
+/// stage's entry exists afterwards.
+fn exec_job(args: ExecJobArgs, catalog: &Catalog) -> Result<ExitCode> {
+    let job = crate::exec::stage_job::StageJob::read(&args.file)?;
+    let threads = std::env::var("SLURM_CPUS_PER_TASK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let outcome = job.run(catalog, threads, &view::JsonLines)?;
+    crate::exec::announce(&job.stage, &job.keyed, &outcome, &view::JsonLines);
+    Ok(match outcome {
+        crate::exec::cached::Outcome::Failed { .. } => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 /// Flags shared by every command that reads a pipeline.
@@ -201,6 +226,7 @@ pub fn main() -> ExitCode {
         Command::Verify(a) => gc::verify(a),
         Command::Data(a) => data::data(a),
         Command::Bench(a) => bench::bench(a),
+        Command::ExecJob(a) => exec_job(a, &catalog),
         Command::Kinds => {
             print!("{}", kinds_text(&catalog));
             Ok(ExitCode::SUCCESS)

@@ -3,12 +3,15 @@ use crate::exec::cached::Local;
 use crate::exec::cached::Outcome;
 use crate::exec::events::{Event, EventSink};
 use crate::exec::scheduler::{Status, WalkOptions};
+use crate::exec::slurm::{self, SlurmConfig, SlurmRun};
 use crate::exec::{run_plan, RunOptions};
+use crate::pipeline::config::user_executor;
+use crate::pipeline::spec::{ExecutorKind, ExecutorSpec};
 use crate::tasks::Catalog;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Args)]
@@ -24,9 +27,21 @@ pub struct RunArgs {
     /// After a failure, go on with every stage that does not depend on it.
     #[arg(long)]
     keep_going: bool,
-    /// Where stages run their models: cpu, cuda:N, or auto.
+    /// Where stages run their models: cpu, cuda:N, or auto (cuda:0 with --gpus, else cpu; on
+    /// Slurm: cuda:0 for stages that ask for a GPU).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Where stages run: `local` (this machine) or `slurm` (one sbatch job per stale stage,
+    /// against this cache on a shared filesystem) [default: the pipeline's or config file's
+    /// `executor.type`, else local].
+    #[arg(long, value_parser = ["local", "slurm"])]
+    executor: Option<String>,
+    /// Slurm partition for every stage (a stage's resources.partition wins).
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm account for every stage (a stage's resources.account wins).
+    #[arg(long)]
+    account: Option<String>,
     /// GPUs this machine may use at once; one token each, one GPU stage per token [default: 0].
     #[arg(long, default_value_t = 0)]
     gpus: u32,
@@ -40,6 +55,24 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     let mut loaded = args.pipeline.load(catalog)?;
+    let executor = user_executor()?
+        .overlay(loaded.plan.executor.clone())
+        .overlay(ExecutorSpec {
+            kind: match args.executor.as_deref() {
+                Some("slurm") => Some(ExecutorKind::Slurm),
+                Some(_) => Some(ExecutorKind::Local),
+                None => None,
+            },
+            partition: args.partition.clone(),
+            account: args.account.clone(),
+            ..Default::default()
+        });
+    let slurm = match executor.kind {
+        Some(ExecutorKind::Slurm) => Some(SlurmConfig::from_spec(&executor)?),
+        _ => None,
+    };
+    // Before any thread starts, so that no thread takes Ctrl-C with the default action.
+    let interrupted = slurm.is_some().then(interrupt_flag);
     let (keys, blocked) = keys_or_blocked(&mut loaded);
     let mut force = vec![false; loaded.plan.stages.len()];
     for name in &args.force {
@@ -98,15 +131,30 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             reason: reason.clone(),
         });
     }
-    let status = run_plan(
-        &loaded.plan,
-        &keys,
-        &loaded.selected,
-        &loaded.store,
-        &local,
-        &opts,
-        sink,
-    );
+    let status = match (slurm, &interrupted) {
+        (Some(config), Some(flag)) => slurm::run_plan(
+            &loaded.plan,
+            &keys,
+            &loaded.selected,
+            &loaded.store,
+            &opts,
+            &SlurmRun {
+                config,
+                device: (args.device != "auto").then(|| args.device.clone()),
+                interrupted: flag,
+            },
+            sink,
+        ),
+        _ => run_plan(
+            &loaded.plan,
+            &keys,
+            &loaded.selected,
+            &loaded.store,
+            &local,
+            &opts,
+            sink,
+        ),
+    };
     // Where to look: the pages of report stages that exist now.
     for (i, stage) in loaded.plan.stages.iter().enumerate() {
         if loaded.selected[i] && stage.kind == "report" {
@@ -123,9 +171,45 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         || status
             .iter()
             .any(|s| matches!(s, Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)));
+    if interrupted.is_some_and(|f| f.load(Ordering::Relaxed)) {
+        return Ok(ExitCode::from(130));
+    }
     Ok(if failed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The first Ctrl-C (or SIGTERM) sets the returned flag, which the Slurm follower polls to cancel
+/// this run's jobs; a second one quits at once. Works by blocking the signals in every thread
+/// and waiting for them in one, so no handler and no global state are needed. Call before any
+/// other thread starts: threads inherit the mask.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    // SAFETY: plain libc calls on a sigset_t this function owns.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let seen = flag.clone();
+    std::thread::spawn(move || loop {
+        let mut signal = 0;
+        // SAFETY: `set` is initialised and blocked in this thread.
+        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
+            return;
+        }
+        if seen.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "interrupted: cancelling this run's Slurm jobs (press Ctrl-C again to quit without \
+             waiting; jobs may then keep running)"
+        );
+    });
+    flag
 }

@@ -104,6 +104,25 @@ impl EventSink for Human {
                     );
                 }
             }
+            Event::StageSubmitted { stage, job } => {
+                say(&st, format!("  submit   {stage} as Slurm job {job}"));
+            }
+            Event::StageQueue {
+                stage,
+                job,
+                state,
+                reason,
+            } => {
+                // RUNNING is shown by the stage's own start line.
+                if state != "RUNNING" {
+                    let why = if reason.is_empty() || reason == "None" {
+                        String::new()
+                    } else {
+                        format!(" ({reason})")
+                    };
+                    say(&st, format!("  slurm    {stage}: job {job} {state}{why}"));
+                }
+            }
             Event::StageWaitLock { stage, .. } => {
                 say(
                     &st,

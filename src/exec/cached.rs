@@ -6,7 +6,6 @@ use super::events::{Event, EventSink};
 use super::keys::Keyed;
 use crate::cache::store::{Manifest, Staging, MANIFEST_SCHEMA};
 use crate::cache::Store;
-use crate::pipeline::PlannedStage;
 use crate::tasks::{Catalog, Inputs, Progress, StageCtx};
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -34,22 +33,25 @@ pub struct Local<'a> {
     pub cancel: Arc<AtomicBool>,
 }
 
+/// One stage to run: what the cache layer and the task need of it, nothing of the plan, so a
+/// stage frozen into a job file (see [`super::stage_job`]) runs through the same code.
 pub struct Job<'a> {
-    pub stage: &'a PlannedStage,
+    pub name: &'a str,
+    pub kind: &'a str,
+    /// With defaults applied.
+    pub params: &'a Value,
     pub keyed: &'a Keyed,
     pub inputs: Inputs,
     pub force: bool,
 }
 
 pub fn execute(store: &Store, local: &Local, job: &Job, sink: &dyn EventSink) -> Outcome {
-    let name = &job.stage.name;
+    let name = job.name;
     let key = job.keyed.key;
     let hit = |store: &Store| {
-        store
-            .lookup(&job.stage.kind, &key)
-            .map(|e| Outcome::Cached {
-                saved_s: e.wall_s().unwrap_or(0.0),
-            })
+        store.lookup(job.kind, &key).map(|e| Outcome::Cached {
+            saved_s: e.wall_s().unwrap_or(0.0),
+        })
     };
     if !job.force {
         if let Some(cached) = hit(store) {
@@ -58,7 +60,7 @@ pub fn execute(store: &Store, local: &Local, job: &Job, sink: &dyn EventSink) ->
     }
     let lock = match store.lock(&key, || {
         sink.emit(Event::StageWaitLock {
-            stage: name.clone(),
+            stage: name.to_owned(),
             key: key.hex(),
         })
     }) {
@@ -75,11 +77,11 @@ pub fn execute(store: &Store, local: &Local, job: &Job, sink: &dyn EventSink) ->
         }
     }
     sink.emit(Event::StageStart {
-        stage: name.clone(),
+        stage: name.to_owned(),
         key: key.hex(),
     });
     let result = store
-        .stage(&job.stage.kind, &key, &lock)
+        .stage(job.kind, &key, &lock)
         .context("preparing the staging folder")
         .and_then(|staging| run_and_publish(store, local, job, staging, sink));
     drop(lock);
@@ -107,8 +109,8 @@ fn run_and_publish(
     let manifest = Manifest {
         schema_version: MANIFEST_SCHEMA,
         key: job.keyed.key,
-        kind: job.stage.kind.clone(),
-        stage: job.stage.name.clone(),
+        kind: job.kind.to_owned(),
+        stage: job.name.to_owned(),
         key_input: job.keyed.input.clone(),
         outputs: Default::default(),
         started_at_unix,
@@ -123,7 +125,7 @@ fn run_and_publish(
         .publish(staging, manifest)
         .context("publishing the cache entry")?;
     sink.emit(Event::StageDone {
-        stage: job.stage.name.clone(),
+        stage: job.name.to_owned(),
         key: job.keyed.key.hex(),
         wall_s,
         metrics,
@@ -140,11 +142,11 @@ impl Local<'_> {
         checkpoint_dir: &Path,
         sink: &dyn EventSink,
     ) -> Result<(Value, Option<u64>)> {
-        let entry = self.catalog.get(&job.stage.kind).context("unknown kind")?;
+        let entry = self.catalog.get(job.kind).context("unknown kind")?;
         let log_file = Mutex::new(BufWriter::new(File::create(
             out_dir.join(crate::cache::store::LOG),
         )?));
-        let stage = job.stage.name.as_str();
+        let stage = job.name;
         let log = |line: &str| {
             if let Ok(mut f) = log_file.lock() {
                 let _ = writeln!(f, "{line}");
@@ -175,7 +177,7 @@ impl Local<'_> {
             log: &log,
             peak_rss_kib: None,
         };
-        let result = (entry.run)(&job.stage.params, &job.inputs, &mut ctx);
+        let result = (entry.run)(job.params, &job.inputs, &mut ctx);
         let peak = ctx.peak_rss_kib.or_else(own_peak_rss_kib);
         log_file
             .into_inner()

@@ -7,6 +7,8 @@
 //! {"type":"plan","stages":12,"cached":9,"to_run":3}
 //! {"type":"stage_cached","stage":"chest_mae","key":"<hex>","saved_s":512.3}
 //! {"type":"stage_wait_lock","stage":"finetune@vit-seed1","key":"<hex>"}
+//! {"type":"stage_submitted","stage":"finetune@vit-seed1","job":"4711"}
+//! {"type":"stage_queue","stage":"finetune@vit-seed1","job":"4711","state":"PENDING","reason":"Resources"}
 //! {"type":"stage_start","stage":"finetune@vit-seed1","key":"<hex>"}
 //! {"type":"stage_progress","stage":"finetune@vit-seed1","done":3,"total":30,"message":"loss 1.21"}
 //! {"type":"stage_log","stage":"finetune@vit-seed1","line":"..."}
@@ -16,12 +18,15 @@
 //! {"type":"run_end","ran":2,"cached":9,"failed":1,"skipped":1,"wall_s":45.0}
 //! ```
 //! Fields are only ever added. `stage_cached` means the stage's key was found in the cache,
-//! possibly computed by a concurrent run that this one waited for.
+//! possibly computed by a concurrent run that this one waited for. `stage_submitted` and
+//! `stage_queue` come only from the Slurm executor: the job id, and the job's Slurm state and
+//! reason each time they change. A Slurm job prints the events of its one stage on its standard
+//! output in this same format; the submitting run reads them back and passes them on.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     Plan {
@@ -33,6 +38,16 @@ pub enum Event {
         stage: String,
         key: String,
         saved_s: f64,
+    },
+    StageSubmitted {
+        stage: String,
+        job: String,
+    },
+    StageQueue {
+        stage: String,
+        job: String,
+        state: String,
+        reason: String,
     },
     StageWaitLock {
         stage: String,

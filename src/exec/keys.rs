@@ -7,7 +7,7 @@ use crate::pipeline::{InputRef, Plan};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Keyed {
     pub key: StageKey,
     pub input: KeyInput,

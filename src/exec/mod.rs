@@ -4,6 +4,8 @@ pub mod cached;
 pub mod events;
 pub mod keys;
 pub mod scheduler;
+pub mod slurm;
+pub mod stage_job;
 
 use crate::cache::journal::{Journal, JournalLine};
 use crate::cache::Store;
@@ -14,6 +16,7 @@ use events::{Event, EventSink};
 use keys::Keyed;
 use scheduler::{Node, Status, WalkOptions};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub struct RunOptions {
@@ -82,37 +85,16 @@ pub fn run_plan(
     let runner = |i: usize| {
         let stage = &plan.stages[i];
         let job = Job {
-            stage,
+            name: &stage.name,
+            kind: &stage.kind,
+            params: &stage.params,
             keyed: &keys[i],
             inputs: resolve_inputs(plan, keys, store, i),
             force: opts.force[i],
         };
         let outcome = cached::execute(store, local, &job, sink);
-        match &outcome {
-            Outcome::Cached { saved_s } => sink.emit(Event::StageCached {
-                stage: stage.name.clone(),
-                key: keys[i].key.hex(),
-                saved_s: *saved_s,
-            }),
-            Outcome::Failed { error } => sink.emit(Event::StageFailed {
-                stage: stage.name.clone(),
-                key: keys[i].key.hex(),
-                error: error.clone(),
-            }),
-            Outcome::Ran { .. } => {}
-        }
-        if !matches!(outcome, Outcome::Failed { .. })
-            && recorded
-                .get(&stage.name)
-                .is_none_or(|l| l.key != keys[i].key)
-        {
-            // Best effort: the journal only explains staleness; losing a line loses no work.
-            let _ = journal.append(&JournalLine {
-                stage: stage.name.clone(),
-                key: keys[i].key,
-                key_input: keys[i].input.clone(),
-            });
-        }
+        announce(&stage.name, &keys[i], &outcome, sink);
+        remember(&journal, &recorded, &stage.name, &keys[i], &outcome);
         outcome
     };
     let nodes: Vec<Node> = plan
@@ -133,6 +115,43 @@ pub fn run_plan(
         })
         .collect();
     scheduler::walk(&nodes, selected, &opts.walk, &runner, sink)
+}
+
+/// The events `cached::execute` leaves to its caller: a hit, or a failure.
+pub fn announce(stage: &str, keyed: &Keyed, outcome: &Outcome, sink: &dyn EventSink) {
+    match outcome {
+        Outcome::Cached { saved_s } => sink.emit(Event::StageCached {
+            stage: stage.to_owned(),
+            key: keyed.key.hex(),
+            saved_s: *saved_s,
+        }),
+        Outcome::Failed { error } => sink.emit(Event::StageFailed {
+            stage: stage.to_owned(),
+            key: keyed.key.hex(),
+            error: error.clone(),
+        }),
+        Outcome::Ran { .. } => {}
+    }
+}
+
+/// Appends a journal line when a stage got a new key under its name.
+fn remember(
+    journal: &Journal,
+    recorded: &HashMap<String, JournalLine>,
+    stage: &str,
+    keyed: &Keyed,
+    outcome: &Outcome,
+) {
+    if !matches!(outcome, Outcome::Failed { .. })
+        && recorded.get(stage).is_none_or(|l| l.key != keyed.key)
+    {
+        // Best effort: the journal only explains staleness; losing a line loses no work.
+        let _ = journal.append(&JournalLine {
+            stage: stage.to_owned(),
+            key: keyed.key,
+            key_input: keyed.input.clone(),
+        });
+    }
 }
 
 /// One stage as `pretext status` reports it. Stable JSON (`pretext status --json`):

@@ -2,7 +2,7 @@
 
 use super::diagnostic::SpecError;
 use super::ordered::Ordered;
-use super::spec::{DataSpec, FileSpec, StageSpec};
+use super::spec::{DataSpec, ExecutorSpec, FileSpec, StageSpec};
 use super::yaml;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,7 @@ pub struct Merged {
     pub matrix: Ordered<Sourced<Vec<Value>>>,
     pub data: Ordered<Sourced<DataSpec>>,
     pub stages: Ordered<Sourced<StageSpec>>,
+    pub executor: ExecutorSpec,
 }
 
 impl Merged {
@@ -118,6 +119,9 @@ fn load_into(path: &Path, merged: &mut Merged, stack: &mut Vec<PathBuf>) -> Resu
                 source: index,
             },
         );
+    }
+    if let Some(executor) = spec.executor {
+        merged.executor = std::mem::take(&mut merged.executor).overlay(executor);
     }
     merge_same(&mut merged.data, spec.data, index, "data", &merged.sources)?;
     merge_same(

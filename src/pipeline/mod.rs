@@ -1,5 +1,6 @@
 //! Pipeline files: YAML schema, includes, vars, matrix expansion, references and the stage DAG.
 
+pub mod config;
 pub mod diagnostic;
 pub mod load;
 pub mod ordered;

@@ -3,7 +3,7 @@
 
 use super::diagnostic::{closest, SpecError};
 use super::load::{self, unknown_field, Merged};
-use super::spec::{InputSpec, Resources};
+use super::spec::{ExecutorSpec, InputSpec, Resources};
 use super::vars;
 use crate::tasks::{Catalog, InputSlot};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -19,6 +19,8 @@ pub struct Plan {
     pub root: PathBuf,
     /// In dependency order: every stage comes after the stages it reads.
     pub stages: Vec<PlannedStage>,
+    /// The pipeline's `executor:` block (its includes' under it).
+    pub executor: ExecutorSpec,
 }
 
 #[derive(Debug, Clone)]
@@ -301,6 +303,7 @@ impl<'a> Expander<'a> {
             file: self.file.to_path_buf(),
             root: self.root,
             stages: self.stages,
+            executor: self.merged.executor.clone(),
         })
     }
 

@@ -18,7 +18,7 @@ pub mod report;
 
 use anyhow::{anyhow, Result};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -126,13 +126,14 @@ impl Catalog {
 }
 
 /// What one input slot resolved to: paths inside upstream cache entries or data folders.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
 pub enum InputValue {
     One(InputItem),
     Many(Vec<InputItem>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InputItem {
     pub path: PathBuf,
     /// Options written beside a data entry (`labels: labels.csv`, `source: mura`); empty otherwise.

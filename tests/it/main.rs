@@ -5,4 +5,5 @@ mod datasets;
 mod fuzz;
 mod orchestrator;
 mod science;
+mod slurm;
 mod util;

@@ -11,7 +11,7 @@ fn repo() -> PathBuf {
 
 /// A small real data set: `per_class` train and `test_per_class` test images per shoulder class,
 /// and `chest` chest images, copied with a labels.csv in the bundled format.
-fn tiny_data(p: &Project, per_class: usize, test_per_class: usize, chest: usize) {
+pub(crate) fn tiny_data(p: &Project, per_class: usize, test_per_class: usize, chest: usize) {
     let src = repo().join("data/shoulder-implant");
     let text = std::fs::read_to_string(src.join("labels.csv")).unwrap();
     let mut csv = String::from("path,label,split\n");
@@ -48,6 +48,26 @@ fn tiny_data(p: &Project, per_class: usize, test_per_class: usize, chest: usize)
     }
     p.write("data/chest/labels.csv", &ccsv);
 }
+
+/// MAE -> fine-tune -> evaluate at the smallest sizes: a real training chain in a few seconds.
+pub(crate) const TINY_FT: &str = r#"
+data:
+  chest: { path: data/chest }
+  shoulder: { path: data/shoulder }
+stages:
+  mae:
+    kind: mae
+    inputs: { images: data.chest }
+    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2, epochs: 1, batch: 8, recon_images: 2 }
+  ft:
+    kind: finetune
+    inputs: { data: data.shoulder, init: mae.encoder }
+    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, epochs: 2, batch: 8, val_fraction: 0.25 }
+  eval:
+    kind: evaluate
+    inputs: { model: ft.model, data: data.shoulder }
+    params: { bootstrap: 20 }
+"#;
 
 const TINY: &str = r#"
 vars:
