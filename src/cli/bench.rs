@@ -1,5 +1,5 @@
 //! `pretext bench loader`: how fast the data layer feeds training, measured beside the training
-//! step it feeds, in the same run.
+//! step it feeds, in the same run. `pretext bench train` is in `bench_train.rs`.
 
 use crate::data::decode::{decode_all, OnBadImage};
 use crate::data::loader::{self, Normalize, TrainAug};
@@ -46,6 +46,11 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Steps/s and peak memory of one training step (forward, backward, AdamW) of a model on
+    /// random data, beside the same model in PyTorch (bench/train_twin.py) when torch imports.
+    ///
+    /// Example: pretext bench train --model mae --img 64 --patch 8 --threads 2
+    Train(super::bench_train::TrainArgs),
 }
 
 /// One row of `pretext bench loader --json`: `{"img":64,"loader_img_per_s":..,"train_img_per_s":..}`.
@@ -57,14 +62,17 @@ struct Row {
 }
 
 pub fn bench(args: BenchArgs) -> Result<ExitCode> {
-    let BenchCommand::Loader {
-        data,
-        sizes,
-        batch,
-        batches,
-        model,
-        json,
-    } = args.command;
+    let (data, sizes, batch, batches, model, json) = match args.command {
+        BenchCommand::Train(a) => return super::bench_train::train(a),
+        BenchCommand::Loader {
+            data,
+            sizes,
+            batch,
+            batches,
+            model,
+            json,
+        } => (data, sizes, batch, batches, model, json),
+    };
     let ds = source::open(&data, None)?;
     let paths: Vec<PathBuf> = ds.samples.iter().map(|s| s.path.clone()).collect();
     let origins: Vec<String> = ds.samples.iter().map(|s| s.origin.clone()).collect();

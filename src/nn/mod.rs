@@ -4,6 +4,7 @@
 
 pub mod cnn;
 pub mod densenet;
+pub mod fused;
 pub mod gradcam;
 pub mod mae;
 pub mod masked_cnn;

@@ -1,6 +1,8 @@
 //! Differentiable building blocks that candle 0.11 lacks or gets wrong (see candle.md): its fused
 //! LayerNorm and `softmax_last_dim` have no backward, its max-pool backward is wrong for
-//! kernel == stride and missing for 3x3/2. Everything here is composed of ops that do have one.
+//! kernel == stride and missing for 3x3/2. LayerNorm, softmax and GELU run as the fused kernels
+//! of [`super::fused`] on f32 CPU tensors and as compositions of differentiable candle ops
+//! elsewhere; the tests check both against finite differences and against each other.
 
 use crate::rng::Rng;
 use candle_core::{DType, Result, Tensor, D};
@@ -24,6 +26,19 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fusable(x) && fusable(&self.weight) && fusable(&self.bias) {
+            return x.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                super::fused::LayerNormLast {
+                    eps: self.eps as f32,
+                },
+            );
+        }
+        self.forward_composed(x)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -49,9 +64,25 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn
     Ok(candle_nn::Linear::new(weight, Some(bias)))
 }
 
-/// Softmax over the last dimension, built from ops with a backward.
+/// f32 on the CPU: where the fused kernels apply.
+pub fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Softmax over the last dimension, with a backward.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        return x.contiguous()?.apply_op1(super::fused::SoftmaxLast);
+    }
     candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// GELU, exact (erf) form, with a backward.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        return x.contiguous()?.apply_op1(super::fused::GeluErf);
+    }
+    x.gelu_erf()
 }
 
 /// Max-pool 3x3, stride 2, padding 1 (the ResNet/DenseNet stem), as torch computes it, gradients
@@ -248,10 +279,110 @@ mod tests {
             4,
         );
         check_grad(
-            &|x| (x.gelu_erf()? * weights(12).reshape((3, 4))?)?.sum_all(),
+            &|x| (gelu(x)? * weights(12).reshape((3, 4))?)?.sum_all(),
             &[3, 4],
             5,
         );
+    }
+
+    /// The fused kernels against the composed ops they replace: values and every gradient, on
+    /// shapes that span several parallel chunks and a non-contiguous input.
+    #[test]
+    fn fused_kernels_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 2e-5 * (1.0 + y.abs()),
+                    "{what}[{i}]: fused {x} vs composed {y}"
+                );
+            }
+        };
+        let (rows, d) = (300, 197);
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (rows, d), &dev).unwrap())).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (rows, d), &dev).unwrap();
+        // softmax over a transposed (non-contiguous) view
+        let xt = x.as_tensor().t().unwrap();
+        let upt = up.t().unwrap();
+        let fused = softmax_last(&xt).unwrap();
+        let composed = candle_nn::ops::softmax(&xt, D::Minus1).unwrap();
+        close(&fused, &composed, "softmax");
+        let gf = (fused * &upt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * &upt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "softmax grad");
+
+        let fused = gelu(&x).unwrap();
+        let composed = x.gelu_erf().unwrap();
+        close(&fused, &composed, "gelu");
+        let gf = (fused * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "gelu grad");
+
+        let w = Var::from_tensor(&weights(d).affine(0.5, 1.0).unwrap()).unwrap();
+        let b = Var::from_tensor(&weights(d)).unwrap();
+        let ln = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            eps: 1e-6,
+        };
+        let fused = ln.forward(&x).unwrap();
+        let composed = ln.forward_composed(&x).unwrap();
+        close(&fused, &composed, "layer norm");
+        let gf = (fused * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (v, what) in [(&x, "dx"), (&w, "dweight"), (&b, "dbias")] {
+            close(gf.get(v).unwrap(), gc.get(v).unwrap(), what);
+        }
+    }
+
+    #[test]
+    fn erf_is_accurate() {
+        // Reference values of erf (f64).
+        for (x, want) in [
+            (0.0f32, 0.0f64),
+            (0.1, 0.112_462_916_018_284_9),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (-1.5, -0.966_105_146_475_310_7),
+            (2.5, 0.999_593_047_982_555),
+            (4.0, 0.999_999_984_582_742),
+        ] {
+            let got = super::super::fused::erf(x) as f64;
+            assert!((got - want).abs() < 3e-7, "erf({x}) = {got}, want {want}");
+        }
     }
 
     #[test]
