@@ -2,7 +2,9 @@
 //! that answer "where does the model look": the share of map energy in the central region versus
 //! the border, the distance of the map's centre of mass from the image centre, and the map's
 //! entropy, each also for the same architecture with random weights (the sanity baseline of
-//! Adebayo et al.: maps that do not change are not explaining the model).
+//! Adebayo et al.: maps that do not change are not explaining the model). Deletion and insertion
+//! AUC (Petsiuk et al.) measure whether a map ranks first the pixels the trained model needs; the
+//! random-weights maps, used the same way on the trained model, give the reference values.
 
 use super::fit::ImageSet;
 use super::net::{ModelCard, Net};
@@ -12,6 +14,7 @@ use crate::data::decode::OnBadImage;
 use crate::data::loader::Normalize;
 use crate::data::source::Split;
 use crate::nn::gradcam::{grad_cam, CamMethod};
+use crate::nn::tap::Taps;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -56,6 +59,10 @@ pub struct Params {
     pub random_baseline: bool,
     #[serde(default)]
     pub max_images: Option<usize>,
+    /// Points on the deletion and insertion curves (0 skips them; each point is two forward
+    /// passes per batch of test images).
+    #[serde(default = "d_deletion_steps")]
+    pub deletion_steps: usize,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
@@ -76,6 +83,9 @@ fn d_overlays() -> usize {
 }
 fn yes() -> bool {
     true
+}
+fn d_deletion_steps() -> usize {
+    10
 }
 
 /// Where one map puts its mass.
@@ -110,6 +120,65 @@ pub fn map_stats(map: &[f32], size: usize, center_fraction: f64) -> MapStats {
         com_distance: ((mx - c).powi(2) + (my - c).powi(2)).sqrt() / (c * std::f64::consts::SQRT_2),
         entropy: entropy / ((size * size) as f64).ln(),
     }
+}
+
+/// Deletion and insertion AUC of each image's map (Petsiuk et al., RISE, 2018): the probability
+/// of the target class as the pixels the map ranks highest are removed from the image (deletion:
+/// a faithful map makes it fall fast, low AUC) or put onto a blank image (insertion: rises fast,
+/// high AUC). Removed or blank pixels are the dataset mean, 0 after normalisation. The AUC is the
+/// trapezoid rule over `steps` equal fractions of the pixels.
+fn deletion_insertion(
+    net: &Net,
+    x: &Tensor,
+    maps: &[Vec<f32>],
+    targets: &[usize],
+    steps: usize,
+) -> Result<Vec<[f64; 2]>> {
+    let (b, _, h, w) = x.dims4()?;
+    let px = h * w;
+    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let orders: Vec<Vec<usize>> = maps
+        .iter()
+        .map(|m| {
+            let mut idx: Vec<usize> = (0..px).collect();
+            idx.sort_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
+            idx
+        })
+        .collect();
+    let mut curves = vec![[Vec::new(), Vec::new()]; b];
+    for s in 0..=steps {
+        let k = px * s / steps;
+        let mut deleted = xs.clone();
+        let mut inserted = vec![0f32; xs.len()];
+        for (i, order) in orders.iter().enumerate() {
+            for &p in &order[..k] {
+                deleted[i * px + p] = 0.0;
+                inserted[i * px + p] = xs[i * px + p];
+            }
+        }
+        for (which, data) in [deleted, inserted].into_iter().enumerate() {
+            let t = Tensor::from_vec(data, (b, 1, h, w), x.device())?;
+            let logits = net.logits(&t, None, &mut Taps::none())?;
+            let prob: Vec<Vec<f32>> =
+                candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?.to_vec2()?;
+            for i in 0..b {
+                curves[i][which].push(prob[i][targets[i]] as f64);
+            }
+        }
+    }
+    let auc =
+        |c: &[f64]| (c.iter().sum::<f64>() - (c[0] + c[c.len() - 1]) / 2.0) / (c.len() - 1) as f64;
+    Ok(curves.iter().map(|[d, i]| [auc(d), auc(i)]).collect())
+}
+
+fn faithfulness_summary(v: &[[f64; 2]]) -> Value {
+    let n = v.len().max(1) as f64;
+    let stat = |k: usize| {
+        let m = v.iter().map(|x| x[k]).sum::<f64>() / n;
+        let sd = (v.iter().map(|x| (x[k] - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+        json!({ "mean": m, "std": sd })
+    };
+    json!({ "deletion_auc": stat(0), "insertion_auc": stat(1) })
 }
 
 fn summary(stats: &[MapStats]) -> Value {
@@ -163,7 +232,7 @@ fn maps_for(
 
 impl Task for GradCamTask {
     const KIND: &'static str = "gradcam";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "Grad-CAM maps of test images, overlays, and where-does-it-look statistics against a random-weights baseline";
     type Params = Params;
 
@@ -213,7 +282,8 @@ impl Task for GradCamTask {
             std: card.std,
         };
         let (mut stats, mut base_stats, mut shown) = (Vec::new(), Vec::new(), Vec::new());
-        let mut csv = String::from("path,label,prediction,target,center_energy,com_distance,entropy,random_center_energy,random_com_distance,random_entropy\n");
+        let (mut faith, mut base_faith) = (Vec::new(), Vec::new());
+        let mut csv = String::from("path,label,prediction,target,center_energy,com_distance,entropy,random_center_energy,random_com_distance,random_entropy,deletion_auc,insertion_auc,random_deletion_auc,random_insertion_auc\n");
         for (chunk_no, chunk) in test.chunks(16).enumerate() {
             let x: Vec<f32> = chunk
                 .iter()
@@ -241,6 +311,23 @@ impl Task for GradCamTask {
             } else {
                 None
             };
+            let curves = |maps: &[Vec<f32>]| -> Result<Vec<Option<[f64; 2]>>> {
+                Ok(if p.deletion_steps == 0 {
+                    vec![None; chunk.len()]
+                } else {
+                    deletion_insertion(&net, &x, maps, &targets, p.deletion_steps)?
+                        .into_iter()
+                        .map(Some)
+                        .collect()
+                })
+            };
+            let f_model = curves(&maps)?;
+            let f_base = match &baseline {
+                Some(b) => curves(b)?,
+                None => vec![None; chunk.len()],
+            };
+            let auc_text =
+                |f: Option<[f64; 2]>, k: usize| f.map_or(String::new(), |f| format!("{:.5}", f[k]));
             for (j, &i) in chunk.iter().enumerate() {
                 let s = map_stats(&maps[j], size, p.center_fraction);
                 let b = baseline
@@ -253,7 +340,7 @@ impl Task for GradCamTask {
                 let cls = |c: usize| card.classes[c].clone();
                 writeln!(
                     csv,
-                    "\"{path}\",{},{},{},{:.5},{:.5},{:.5},{},{},{}",
+                    "\"{path}\",{},{},{},{:.5},{:.5},{:.5},{},{},{},{},{},{},{}",
                     cls(labels[j]),
                     cls(predicted[j]),
                     cls(targets[j]),
@@ -262,10 +349,16 @@ impl Task for GradCamTask {
                     s.entropy,
                     b.map_or(String::new(), |b| format!("{:.5}", b.center_energy)),
                     b.map_or(String::new(), |b| format!("{:.5}", b.com_distance)),
-                    b.map_or(String::new(), |b| format!("{:.5}", b.entropy))
+                    b.map_or(String::new(), |b| format!("{:.5}", b.entropy)),
+                    auc_text(f_model[j], 0),
+                    auc_text(f_model[j], 1),
+                    auc_text(f_base[j], 0),
+                    auc_text(f_base[j], 1),
                 )?;
                 stats.push(s);
                 base_stats.extend(b);
+                faith.extend(f_model[j]);
+                base_faith.extend(f_base[j]);
                 if shown.len() < p.overlays {
                     shown.push((i, maps[j].clone()));
                 }
@@ -281,6 +374,10 @@ impl Task for GradCamTask {
         Ok(json!({
             "layer": layer, "method": p.method, "target": p.target, "images": stats.len(), "center_fraction": p.center_fraction,
             "model": summary(&stats), "random_baseline": if base_stats.is_empty() { Value::Null } else { summary(&base_stats) },
+            "faithfulness": if faith.is_empty() { Value::Null } else { json!({
+                "model": faithfulness_summary(&faith),
+                "random_baseline": if base_faith.is_empty() { Value::Null } else { faithfulness_summary(&base_faith) },
+            }) },
         }))
     }
 }

@@ -282,6 +282,26 @@ impl Task for Report {
             ));
         }
         md.push_str("\nCentre energy: share of the map inside the central square of half the image side (a uniform map scores 0.25). Spreads are standard deviations over seeds; CIs are per-run bootstrap 95% intervals, averaged over seeds.\n");
+        let cam_routes: Vec<(String, Vec<&Leaf>)> = groups
+            .iter()
+            .filter(|((kind, _), _)| kind == "gradcam")
+            .map(|((_, route), ls)| (route.clone(), ls.clone()))
+            .collect();
+        let paired = paired_comparisons(&cam_routes)?;
+        let mut paired_rows = String::new();
+        if !paired.is_empty() {
+            md.push_str("\n## Do the routes look at different places? (paired, per test image)\n\n| statistic | route A | route B | images | median A - B | Wilcoxon z | p | p (Holm) |\n|---|---|---|---|---|---|---|---|\n");
+            for row in &paired {
+                writeln!(md, "| {} |", row.join(" | "))?;
+                paired_rows.push_str(&format!(
+                    "<tr>{}</tr>\n",
+                    row.iter()
+                        .map(|c| format!("<td>{}</td>", html_escape(c)))
+                        .collect::<String>()
+                ));
+            }
+            md.push_str("\nEach image's value is averaged over a route's seeds; the test pairs the same test images across two routes (Wilcoxon signed-rank, normal approximation, ties averaged). Holm adjusts for the number of comparisons of each statistic.\n");
+        }
 
         // Curves and pictures, per stage.
         let mut figures = String::new();
@@ -320,8 +340,9 @@ impl Task for Report {
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}figure{{display:inline-block;margin:8px;vertical-align:top}}</style></head><body>\
 <h1>{t}</h1><h2>Test results</h2><table><tr><th>route</th><th>seeds</th><th>test accuracy</th><th>95% CI</th><th>macro-F1</th><th>mean AUC</th><th>95% CI</th><th>kappa</th><th>majority class</th></tr>\n{html_rows}</table>\
 <h2>Where the models look (Grad-CAM)</h2><table><tr><th>route</th><th>images</th><th>centre energy</th><th>centre-of-mass distance</th><th>entropy</th><th>random-weights centre energy</th></tr>\n{cam_rows}</table>\
-<p>Centre energy: share of the map inside the central square of half the image side (uniform = 0.25). Spreads are standard deviations over seeds.</p><h2>Curves</h2>{figures}<h2>Pictures</h2>{gallery}</body></html>",
-            t = html_escape(&p.title)
+<p>Centre energy: share of the map inside the central square of half the image side (uniform = 0.25). Spreads are standard deviations over seeds.</p>{paired_html}<h2>Curves</h2>{figures}<h2>Pictures</h2>{gallery}</body></html>",
+            t = html_escape(&p.title),
+            paired_html = if paired_rows.is_empty() { String::new() } else { format!("<h2>Paired comparison per test image (Wilcoxon signed-rank)</h2><table><tr><th>statistic</th><th>route A</th><th>route B</th><th>images</th><th>median A - B</th><th>z</th><th>p</th><th>p (Holm)</th></tr>\n{paired_rows}</table>") },
         );
         std::fs::write(ctx.out_dir.join("index.html"), html)?;
         std::fs::write(ctx.out_dir.join("results.md"), &md)?;
@@ -334,6 +355,95 @@ impl Task for Report {
             json!({ "stages": leaves.len(), "routes": groups.keys().filter(|(k, _)| k == "evaluate").count() }),
         )
     }
+}
+
+/// Per test image, a column of a gradcam stage's `maps.csv` (its first field is the quoted path).
+fn per_image(dir: &std::path::Path, column: &str) -> Result<BTreeMap<String, f64>> {
+    let path = dir.join("maps.csv");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+    let Some(col) = header.iter().position(|h| *h == column) else {
+        return Ok(BTreeMap::new());
+    };
+    let mut out = BTreeMap::new();
+    for line in lines {
+        let (image, rest) = match line.strip_prefix('"').and_then(|l| l.split_once("\",")) {
+            Some((p, rest)) => (p.to_owned(), rest),
+            None => match line.split_once(',') {
+                Some((p, rest)) => (p.to_owned(), rest),
+                None => continue,
+            },
+        };
+        if let Some(v) = rest
+            .split(',')
+            .nth(col - 1)
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            out.insert(image, v);
+        }
+    }
+    Ok(out)
+}
+
+/// Every pair of routes, per statistic: the Wilcoxon signed-rank test over the test images both
+/// routes explained, each image's value averaged over the route's seeds.
+fn paired_comparisons(routes: &[(String, Vec<&Leaf>)]) -> Result<Vec<[String; 8]>> {
+    let mut rows = Vec::new();
+    for (column, label) in [
+        ("center_energy", "centre energy"),
+        ("deletion_auc", "deletion AUC"),
+    ] {
+        let mut means: Vec<(String, BTreeMap<String, f64>)> = Vec::new();
+        for (route, leaves) in routes {
+            let mut sum: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+            for l in leaves {
+                for (img, v) in per_image(&l.dir, column)? {
+                    let e = sum.entry(img).or_default();
+                    e.0 += v;
+                    e.1 += 1;
+                }
+            }
+            let m: BTreeMap<String, f64> = sum
+                .into_iter()
+                .map(|(k, (s, n))| (k, s / n as f64))
+                .collect();
+            if !m.is_empty() {
+                means.push((route.clone(), m));
+            }
+        }
+        let mut found = Vec::new();
+        for a in 0..means.len() {
+            for b in a + 1..means.len() {
+                let diffs: Vec<f64> = means[a]
+                    .1
+                    .iter()
+                    .filter_map(|(img, va)| means[b].1.get(img).map(|vb| va - vb))
+                    .collect();
+                if let Some(w) = crate::train::metrics::wilcoxon_signed_rank(&diffs) {
+                    let mut sorted = diffs.clone();
+                    sorted.sort_by(f64::total_cmp);
+                    found.push((a, b, diffs.len(), sorted[sorted.len() / 2], w));
+                }
+            }
+        }
+        let adjusted =
+            crate::train::metrics::holm(&found.iter().map(|f| f.4.p).collect::<Vec<_>>());
+        for ((a, b, n, median, w), p_holm) in found.into_iter().zip(adjusted) {
+            rows.push([
+                label.to_owned(),
+                means[a].0.clone(),
+                means[b].0.clone(),
+                n.to_string(),
+                format!("{median:+.4}"),
+                format!("{:+.2}", w.z),
+                format!("{:.3}", w.p),
+                format!("{p_holm:.3}"),
+            ]);
+        }
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -163,6 +163,86 @@ pub fn bootstrap_ci(
     Some((at(alpha / 2.0), at(1.0 - alpha / 2.0)))
 }
 
+/// The Wilcoxon signed-rank test of paired differences (two-sided): zero differences dropped,
+/// tied magnitudes given their average rank, the variance corrected for ties, and the normal
+/// approximation (as scipy's `wilcoxon` does by default for more than 50 pairs or with ties).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Wilcoxon {
+    /// Non-zero differences.
+    pub n: usize,
+    /// Sum of the ranks of the positive differences.
+    pub w_plus: f64,
+    pub z: f64,
+    pub p: f64,
+}
+
+pub fn wilcoxon_signed_rank(diffs: &[f64]) -> Option<Wilcoxon> {
+    let mut d: Vec<f64> = diffs
+        .iter()
+        .copied()
+        .filter(|v| *v != 0.0 && v.is_finite())
+        .collect();
+    let n = d.len();
+    if n == 0 {
+        return None;
+    }
+    d.sort_by(|a, b| a.abs().total_cmp(&b.abs()));
+    let (mut w_plus, mut tie_term) = (0.0, 0.0);
+    let mut i = 0;
+    while i < n {
+        let mut j = i;
+        while j + 1 < n && d[j + 1].abs() == d[i].abs() {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        let t = (j - i + 1) as f64;
+        tie_term += t * t * t - t;
+        w_plus += d[i..=j].iter().filter(|v| **v > 0.0).count() as f64 * rank;
+        i = j + 1;
+    }
+    let nf = n as f64;
+    let mean = nf * (nf + 1.0) / 4.0;
+    let var = nf * (nf + 1.0) * (2.0 * nf + 1.0) / 24.0 - tie_term / 48.0;
+    let z = if var > 0.0 {
+        (w_plus - mean) / var.sqrt()
+    } else {
+        0.0
+    };
+    Some(Wilcoxon {
+        n,
+        w_plus,
+        z,
+        p: (2.0 * normal_sf(z.abs())).min(1.0),
+    })
+}
+
+/// P(Z > z) for a standard normal Z (Abramowitz & Stegun 26.2.17, absolute error below 7.5e-8).
+pub fn normal_sf(z: f64) -> f64 {
+    if z < 0.0 {
+        return 1.0 - normal_sf(-z);
+    }
+    let t = 1.0 / (1.0 + 0.231_641_9 * z);
+    let poly = t
+        * (0.319_381_530
+            + t * (-0.356_563_782
+                + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
+    (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * poly
+}
+
+/// Holm's step-down adjustment of p-values for multiple comparisons, in the input order.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let m = p.len();
+    let mut order: Vec<usize> = (0..m).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let mut out = vec![0.0; m];
+    let mut running: f64 = 0.0;
+    for (rank, &i) in order.iter().enumerate() {
+        running = running.max(((m - rank) as f64 * p[i]).min(1.0));
+        out[i] = running;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +277,34 @@ mod tests {
         })
         .unwrap();
         assert!(lo <= 0.8 && 0.8 <= hi && lo < hi);
+    }
+
+    #[test]
+    fn wilcoxon_matches_hand_computation_and_behaves() {
+        // diffs 1, -2, 3, 3, 0: zero dropped; |d| ranks 1, 2, 3.5, 3.5; W+ = 1 + 3.5 + 3.5 = 8.
+        let w = wilcoxon_signed_rank(&[1.0, -2.0, 3.0, 3.0, 0.0]).unwrap();
+        assert_eq!(w.n, 4);
+        assert_eq!(w.w_plus, 8.0);
+        // mean 5, var = 4*5*9/24 - (8-2)/48 = 7.5 - 0.125
+        assert!((w.z - 3.0 / 7.375f64.sqrt()).abs() < 1e-12, "{w:?}");
+        // Symmetric differences: no evidence either way.
+        let sym = wilcoxon_signed_rank(&[-3.0, -2.0, -1.0, 1.0, 2.0, 3.0]).unwrap();
+        assert!(sym.z.abs() < 1e-12 && (sym.p - 1.0).abs() < 1e-6, "{sym:?}");
+        // 60 positive differences: overwhelming evidence.
+        let pos: Vec<f64> = (1..=60).map(|i| i as f64 * 0.01).collect();
+        assert!(wilcoxon_signed_rank(&pos).unwrap().p < 1e-9);
+        assert!(wilcoxon_signed_rank(&[0.0, 0.0]).is_none());
+    }
+
+    #[test]
+    fn normal_tail_and_holm() {
+        assert!((normal_sf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_sf(1.959_963_984_540_054) - 0.025).abs() < 1e-7);
+        assert!((normal_sf(-1.0) - 0.841_344_746_068_542_9).abs() < 1e-7);
+        let adj = holm(&[0.01, 0.04, 0.03]);
+        // sorted 0.01 (x3), 0.03 (x2), 0.04 (x1), running max
+        for (a, e) in adj.iter().zip([0.03, 0.06, 0.06]) {
+            assert!((a - e).abs() < 1e-12, "{adj:?}");
+        }
     }
 }

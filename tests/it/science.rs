@@ -184,6 +184,13 @@ fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
             .as_f64()
             .unwrap();
         assert!((0.0..=1.0).contains(&ce));
+        let faith = &cam["manifest"]["metrics"]["faithfulness"];
+        for who in ["model", "random_baseline"] {
+            for curve in ["deletion_auc", "insertion_auc"] {
+                let auc = faith[who][curve]["mean"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&auc), "{who} {curve}: {faith}");
+            }
+        }
         image::open(Path::new(cam["dir"].as_str().unwrap()).join("overlays.png"))
             .expect("overlay PNG decodes");
         let ft = entry_metrics(&p, &format!("ft@{backbone}"));
@@ -200,6 +207,12 @@ fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
         .unwrap();
     assert!(
         md.contains("| eval@vit |") && md.contains("| eval@resnet18 |"),
+        "{md}"
+    );
+    // The two backbones explained the same 12 test images: one paired test per statistic.
+    assert!(
+        md.contains("| centre energy | cam@resnet18 | cam@vit | 12 |")
+            && md.contains("| deletion AUC | cam@resnet18 | cam@vit | 12 |"),
         "{md}"
     );
 
