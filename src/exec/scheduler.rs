@@ -165,6 +165,12 @@ pub fn walk(
         drop(job_tx);
     });
 
+    emit_run_end(&status, started, sink);
+    status
+}
+
+/// The closing event of a run, counted from the statuses (the local and the Slurm executor).
+pub fn emit_run_end(status: &[Status], started: Instant, sink: &dyn EventSink) {
     let count = |f: fn(&Status) -> bool| status.iter().filter(|s| f(s)).count();
     sink.emit(Event::RunEnd {
         ran: count(|s| matches!(s, Status::Done(Outcome::Ran { .. }))),
@@ -173,7 +179,6 @@ pub fn walk(
         skipped: count(|s| matches!(s, Status::Skipped(_))),
         wall_s: started.elapsed().as_secs_f64(),
     });
-    status
 }
 
 #[cfg(test)]

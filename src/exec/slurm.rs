@@ -737,14 +737,7 @@ pub fn run_plan(
         pause(slurm);
     }
 
-    let count = |f: fn(&Status) -> bool| status.iter().filter(|s| f(s)).count();
-    sink.emit(Event::RunEnd {
-        ran: count(|s| matches!(s, Status::Done(Outcome::Ran { .. }))),
-        cached: count(|s| matches!(s, Status::Done(Outcome::Cached { .. }))),
-        failed: count(|s| matches!(s, Status::Done(Outcome::Failed { .. }))),
-        skipped: count(|s| matches!(s, Status::Skipped(_))),
-        wall_s: started.elapsed().as_secs_f64(),
-    });
+    super::scheduler::emit_run_end(&status, started, sink);
     status
 }
 

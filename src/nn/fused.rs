@@ -53,16 +53,8 @@ impl CustomOp1 for SoftmaxLast {
         y.par_chunks_mut(step)
             .zip(x.par_chunks(step))
             .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x - max).exp();
-                        sum += *y;
-                    }
-                    let inv = 1.0 / sum;
-                    y.iter_mut().for_each(|v| *v *= inv);
-                }
+                y.copy_from_slice(x);
+                softmax_rows(y, d);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -575,5 +567,189 @@ impl CustomOp2 for AttentionBwd {
             },
         );
         Ok((CpuStorage::F32(dqkv), ql.shape().clone()))
+    }
+}
+
+// ----------------------------------------------------------------------------------- linear
+
+/// y = x w^T + b over the last dimension: `[.., in]` with weight `[out, in]` and bias `[out]`.
+/// One graph node instead of candle_nn's reshape, matmul, reshape, broadcast and add: candle's
+/// autograd accumulates every node's gradient onto a fresh zero tensor, so each node costs an
+/// allocation, a memset and a full add in backward. The GEMMs are the ones candle calls, on
+/// candle's thread count.
+pub struct LinearLast;
+
+fn threads() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+}
+
+impl CustomOp3 for LinearLast {
+    fn name(&self) -> &'static str {
+        "pretext-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, self.name())?;
+        let w = slice(ws, wl, self.name())?;
+        let b = slice(bs, bl, self.name())?;
+        let (out, inp) = wl.shape().dims2()?;
+        if last_dim(xl) != inp || b.len() != out {
+            candle_core::bail!(
+                "{}: x {:?}, weight {:?}, bias {}",
+                self.name(),
+                xl.dims(),
+                wl.dims(),
+                b.len()
+            );
+        }
+        let rows = x.len() / inp;
+        let mut y: Vec<f32> = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        // SAFETY: x is rows x inp, w is out x inp (read transposed), y is rows x out.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out,
+                inp,
+                y.as_mut_ptr(),
+                1,
+                out as isize,
+                true,
+                x.as_ptr(),
+                1,
+                inp as isize,
+                w.as_ptr(),
+                inp as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                threads(),
+            );
+        }
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = w.dims2()?;
+        let n = x.elem_count();
+        // One output holds dx, then dweight, then dbias.
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearLastBwd)?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, out * inp)?.reshape((out, inp))?;
+        let db = packed.narrow(0, n + out * inp, out)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct LinearLastBwd;
+
+impl CustomOp3 for LinearLastBwd {
+    fn name(&self) -> &'static str {
+        "pretext-linear-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, self.name())?;
+        let w = slice(ws, wl, self.name())?;
+        let g = slice(gs, gl, self.name())?;
+        let (out, inp) = wl.shape().dims2()?;
+        let rows = x.len() / inp;
+        let n = x.len();
+        let mut packed = vec![0f32; n + out * inp + out];
+        let (dx, rest) = packed.split_at_mut(n);
+        let (dw, db) = rest.split_at_mut(out * inp);
+        // SAFETY: g is rows x out, w is out x inp, x is rows x inp; dx and dw are disjoint.
+        unsafe {
+            // dx = g w
+            gemm::gemm(
+                rows,
+                inp,
+                out,
+                dx.as_mut_ptr(),
+                1,
+                inp as isize,
+                false,
+                g.as_ptr(),
+                1,
+                out as isize,
+                w.as_ptr(),
+                1,
+                inp as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                threads(),
+            );
+            // dw = g^T x
+            gemm::gemm(
+                out,
+                inp,
+                rows,
+                dw.as_mut_ptr(),
+                1,
+                inp as isize,
+                false,
+                g.as_ptr(),
+                out as isize,
+                1,
+                x.as_ptr(),
+                1,
+                inp as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                threads(),
+            );
+        }
+        // db = column sums of g, chunk partials summed in chunk order.
+        let step = rows_per_chunk(out) * out;
+        let partials: Vec<Vec<f32>> = g
+            .par_chunks(step)
+            .map(|chunk| {
+                let mut acc = vec![0f32; out];
+                for row in chunk.chunks(out) {
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                acc
+            })
+            .collect();
+        for p in partials {
+            db.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+        }
+        Ok((CpuStorage::F32(packed), Shape::from(n + out * inp + out)))
     }
 }

@@ -3,12 +3,12 @@
 //! on the masked patches only. Masking is an argsort of per-patch noise, so every strategy below
 //! is a way to draw that noise; tests inject it to match the reference exactly.
 
-use super::ops::{linear, LayerNorm};
+use super::ops::{linear, LayerNorm, Linear};
 use super::pos_embed::sincos_2d_tensor;
 use super::tap::Taps;
 use super::vit::{Block, PatchEmbed, LN_EPS};
-use candle_core::{Device, Module, Result, Tensor, D};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{Device, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

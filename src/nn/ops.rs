@@ -50,7 +50,7 @@ impl LayerNorm {
 }
 
 /// A linear layer with MAE/timm's initialisation (xavier-uniform weight, zero bias).
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let bound = (6.0 / (in_dim + out_dim) as f64).sqrt();
     let weight = vb.get_with_hints(
         (out_dim, in_dim),
@@ -61,7 +61,31 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn
         },
     )?;
     let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-    Ok(candle_nn::Linear::new(weight, Some(bias)))
+    Ok(Linear { weight, bias })
+}
+
+/// y = x w^T + b over the last dimension: the fused kernel for f32 on the CPU, candle_nn's
+/// composition elsewhere.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fusable(x) && fusable(&self.weight) && fusable(&self.bias) {
+            return x
+                .contiguous()?
+                .apply_op3(&self.weight, &self.bias, super::fused::LinearLast);
+        }
+        self.forward_composed(x)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        use candle_core::Module;
+        candle_nn::Linear::new(self.weight.clone(), Some(self.bias.clone())).forward(x)
+    }
 }
 
 /// f32 on the CPU: where the fused kernels apply.
@@ -301,6 +325,9 @@ mod tests {
                 );
             }
         };
+        // Gradients of sum(t * up): pulls `up` back through the op.
+        let pull =
+            |t: &Tensor, up: &Tensor| (t * up).unwrap().sum_all().unwrap().backward().unwrap();
         let (rows, d) = (300, 197);
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (rows, d), &dev).unwrap())).unwrap();
         let up = Tensor::randn(0f32, 1.0, (rows, d), &dev).unwrap();
@@ -310,35 +337,13 @@ mod tests {
         let fused = softmax_last(&xt).unwrap();
         let composed = candle_nn::ops::softmax(&xt, D::Minus1).unwrap();
         close(&fused, &composed, "softmax");
-        let gf = (fused * &upt)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (composed * &upt)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (gf, gc) = (pull(&fused, &upt), pull(&composed, &upt));
         close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "softmax grad");
 
         let fused = gelu(&x).unwrap();
         let composed = x.gelu_erf().unwrap();
         close(&fused, &composed, "gelu");
-        let gf = (fused * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (composed * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
         close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "gelu grad");
 
         let w = Var::from_tensor(&weights(d).affine(0.5, 1.0).unwrap()).unwrap();
@@ -351,6 +356,36 @@ mod tests {
         let fused = ln.forward(&x).unwrap();
         let composed = ln.forward_composed(&x).unwrap();
         close(&fused, &composed, "layer norm");
+        let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
+        for (v, what) in [(&x, "dx"), (&w, "dweight"), (&b, "dbias")] {
+            close(gf.get(v).unwrap(), gc.get(v).unwrap(), what);
+        }
+    }
+
+    #[test]
+    fn fused_linear_matches_the_composed_op() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 70, 24), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (40, 24), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 40, &dev).unwrap()).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (3, 70, 40), &dev).unwrap();
+        let lin = Linear {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+        };
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: &Tensor, e: &Tensor, what: &str| {
+            for (i, (x, y)) in flat(a).iter().zip(flat(e)).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                    "{what}[{i}]: {x} vs {y}"
+                );
+            }
+        };
+        let fused = lin.forward(&x).unwrap();
+        let composed = lin.forward_composed(&x).unwrap();
+        assert_eq!(fused.dims(), &[3, 70, 40]);
+        close(&fused, &composed, "y");
         let gf = (fused * &up)
             .unwrap()
             .sum_all()

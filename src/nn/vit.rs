@@ -2,12 +2,12 @@
 //! are: `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
 //! mlp.fc1,mlp.fc2}`, `norm` / `fc_norm`, `head`.
 
-use super::ops::{drop_path, fusable, gelu, linear, softmax_last, LayerNorm};
+use super::ops::{drop_path, fusable, gelu, linear, softmax_last, LayerNorm, Linear};
 use super::pos_embed::sincos_2d_tensor;
 use super::tap::Taps;
 use crate::rng::Rng;
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// timm's LayerNorm epsilon for ViTs (and MAE's).

@@ -249,7 +249,7 @@ impl Task for Report {
             )?;
         }
         let mut cam_rows = String::new();
-        md.push_str("\n## Where the models look (Grad-CAM)\n\n| route | images | centre energy | centre-of-mass distance | entropy | random-weights centre energy |\n|---|---|---|---|---|---|\n");
+        md.push_str("\n## Where the models look (Grad-CAM)\n\n| route | images | centre energy | centre-of-mass distance | entropy | random-weights centre energy | deletion AUC (random-weights maps) | insertion AUC (random-weights maps) |\n|---|---|---|---|---|---|---|---|\n");
         for ((kind, route), ls) in &groups {
             if kind != "gradcam" {
                 continue;
@@ -272,6 +272,26 @@ impl Task for Report {
                 fmt_ms(&g(&["model", "com_distance", "mean"])),
                 fmt_ms(&g(&["model", "entropy", "mean"])),
                 fmt_ms(&g(&["random_baseline", "center_energy", "mean"])),
+                format!(
+                    "{} ({})",
+                    fmt_ms(&g(&["faithfulness", "model", "deletion_auc", "mean"])),
+                    fmt_ms(&g(&[
+                        "faithfulness",
+                        "random_baseline",
+                        "deletion_auc",
+                        "mean"
+                    ]))
+                ),
+                format!(
+                    "{} ({})",
+                    fmt_ms(&g(&["faithfulness", "model", "insertion_auc", "mean"])),
+                    fmt_ms(&g(&[
+                        "faithfulness",
+                        "random_baseline",
+                        "insertion_auc",
+                        "mean"
+                    ]))
+                ),
             ];
             writeln!(md, "| {} |", row.join(" | "))?;
             cam_rows.push_str(&format!(
@@ -281,7 +301,7 @@ impl Task for Report {
                     .collect::<String>()
             ));
         }
-        md.push_str("\nCentre energy: share of the map inside the central square of half the image side (a uniform map scores 0.25). Spreads are standard deviations over seeds; CIs are per-run bootstrap 95% intervals, averaged over seeds.\n");
+        md.push_str("\nCentre energy: share of the map inside the central square of half the image side (a uniform map scores 0.25). Deletion/insertion AUC: the target class's probability as the pixels the map ranks highest are removed from the image / put onto a blank one; a faithful map gives a lower deletion and a higher insertion AUC than the random-weights model's maps used the same way. Spreads are standard deviations over seeds; CIs are per-run bootstrap 95% intervals, averaged over seeds.\n");
         let cam_routes: Vec<(String, Vec<&Leaf>)> = groups
             .iter()
             .filter(|((kind, _), _)| kind == "gradcam")
@@ -339,7 +359,7 @@ impl Task for Report {
         let html = format!(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}figure{{display:inline-block;margin:8px;vertical-align:top}}</style></head><body>\
 <h1>{t}</h1><h2>Test results</h2><table><tr><th>route</th><th>seeds</th><th>test accuracy</th><th>95% CI</th><th>macro-F1</th><th>mean AUC</th><th>95% CI</th><th>kappa</th><th>majority class</th></tr>\n{html_rows}</table>\
-<h2>Where the models look (Grad-CAM)</h2><table><tr><th>route</th><th>images</th><th>centre energy</th><th>centre-of-mass distance</th><th>entropy</th><th>random-weights centre energy</th></tr>\n{cam_rows}</table>\
+<h2>Where the models look (Grad-CAM)</h2><table><tr><th>route</th><th>images</th><th>centre energy</th><th>centre-of-mass distance</th><th>entropy</th><th>random-weights centre energy</th><th>deletion AUC (random-weights maps)</th><th>insertion AUC (random-weights maps)</th></tr>\n{cam_rows}</table>\
 <p>Centre energy: share of the map inside the central square of half the image side (uniform = 0.25). Spreads are standard deviations over seeds.</p>{paired_html}<h2>Curves</h2>{figures}<h2>Pictures</h2>{gallery}</body></html>",
             t = html_escape(&p.title),
             paired_html = if paired_rows.is_empty() { String::new() } else { format!("<h2>Paired comparison per test image (Wilcoxon signed-rank)</h2><table><tr><th>statistic</th><th>route A</th><th>route B</th><th>images</th><th>median A - B</th><th>z</th><th>p</th><th>p (Holm)</th></tr>\n{paired_rows}</table>") },
