@@ -83,10 +83,10 @@ class Mae(nn.Module):
         x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
         n, l, d = x.shape
         keep = int(l * (1 - self.mask_ratio))
-        ids_shuffle = torch.argsort(torch.rand(n, l), dim=1)
+        ids_shuffle = torch.argsort(torch.rand(n, l, device=x.device), dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         x = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, d))
-        mask = torch.ones(n, l)
+        mask = torch.ones(n, l, device=x.device)
         mask[:, :keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(n, -1, -1)
@@ -211,24 +211,34 @@ def main():
                           ("batch", 32), ("steps", 5), ("threads", 2)]:
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = {"mae": Mae, "vit": Vit, "resnet": ResNet18, "densenet": DenseNet121}[a.model]
     model = model(a) if a.model in ("mae", "vit") else model()
-    model.train()
+    dev = torch.device(a.device)
+    model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    x = torch.randn(a.batch, 1, a.img, a.img)
-    y = torch.arange(a.batch) % 4
+    x = torch.randn(a.batch, 1, a.img, a.img, device=dev)
+    y = torch.arange(a.batch, device=dev) % 4
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def step():
         opt.zero_grad(set_to_none=True)
+        sync()
         t0 = time.perf_counter()
         loss = model(x) if a.model == "mae" else F.cross_entropy(model(x), y)
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
+        sync()
         t3 = time.perf_counter()
         if not math.isfinite(loss.item()):
             raise SystemExit("loss is not finite")
@@ -240,7 +250,7 @@ def main():
     times = [step() for _ in range(a.steps)]
     med = statistics.median(sum(t) for t in times)
     print(json.dumps({
-        "impl": "pytorch", "model": a.model, "img": a.img, "patch": a.patch, "dim": a.dim,
+        "impl": f"pytorch ({a.device})", "model": a.model, "img": a.img, "patch": a.patch, "dim": a.dim,
         "depth": a.depth, "heads": a.heads, "batch": a.batch, "threads": a.threads,
         "steps": a.steps, "step_ms_median": med, "steps_per_s": 1e3 / med,
         "forward_ms": statistics.median(t[0] for t in times),

@@ -59,6 +59,15 @@ pub struct TrainArgs {
     /// Threads for both sides [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Where candle runs the step: cpu or cuda:N (needs a CUDA build). The PyTorch twin runs on
+    /// the same device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Before timing, run one forward and backward on --device and on the CPU with the same
+    /// weights and batch, and fail if the loss or any gradient differs by more than this
+    /// fraction of the gradient's largest value (e.g. 1e-3).
+    #[arg(long, value_name = "TOLERANCE")]
+    compare_cpu: Option<f64>,
     /// Skip the PyTorch side.
     #[arg(long)]
     no_torch: bool,
@@ -111,7 +120,16 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
     // candle's kernels and the gemm crate size their pools from this variable; nothing has
     // started a pool yet at this point.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let ours = measure(&args, threads)?;
+    let dev = crate::tasks::compute_device(&args.device)
+        .map_err(|e| super::UsageError(format!("--device: {e:#}")))?;
+    if let Some(tolerance) = args.compare_cpu {
+        let worst = compare_with_cpu(&args, &dev, tolerance)?;
+        if worst > tolerance {
+            eprintln!("error: {} and the CPU disagree by {worst:.2e}", args.device);
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let ours = measure(&args, threads, &dev)?;
     let twin = if args.no_torch {
         None
     } else {
@@ -186,36 +204,27 @@ fn describe(a: &TrainArgs) -> String {
     }
 }
 
-fn measure(a: &TrainArgs, threads: usize) -> Result<Measured> {
-    let dev = Device::Cpu;
-    let mut rng = Rng::new(0);
-    let x = Tensor::randn(0f32, 1.0, (a.batch, 1, a.img, a.img), &dev)?;
+/// A model ready to train on one fixed batch.
+struct Bench {
+    params: ParamStore,
+    forward: Box<dyn Fn(&mut Rng) -> Result<Tensor>>,
+}
+
+/// The model of `a` on `dev`, with parameters drawn from seed 0 and the batch `x` (made on the
+/// CPU, so that two devices see the same numbers).
+fn build(a: &TrainArgs, x: &Tensor, dev: &Device) -> Result<Bench> {
+    let x = x.to_device(dev)?;
     let y = Tensor::new(
         (0..a.batch as u32)
             .map(|i| i % 4)
             .collect::<Vec<_>>()
             .as_slice(),
-        &dev,
+        dev,
     )?;
-    let spec = OptimSpec {
-        weight_decay: 0.05,
-        betas: (0.9, 0.95),
-        layer_decay: None,
-        only: None,
-        lars: false,
-    };
-    let mut times: Vec<Split> = Vec::with_capacity(a.steps);
-    let mut peak = 0.0;
-    let mut run = |step: &mut dyn FnMut(&mut Rng) -> Result<Split>| -> Result<()> {
-        step(&mut rng)?; // warm-up: first allocations, lazily built pools
-        reset_peak_rss();
-        for _ in 0..a.steps {
-            times.push(step(&mut rng)?);
-        }
-        peak = peak_rss_mib();
-        Ok(())
-    };
     if a.model == "mae" {
+        if a.img % a.patch != 0 {
+            bail!("--img {} is not a multiple of --patch {}", a.img, a.patch);
+        }
         let cfg = MaeConfig {
             img_size: a.img,
             patch_size: a.patch,
@@ -229,51 +238,77 @@ fn measure(a: &TrainArgs, threads: usize) -> Result<Measured> {
             mlp_ratio: 4.0,
             norm_pix_loss: true,
         };
-        if a.img % a.patch != 0 {
-            bail!("--img {} is not a multiple of --patch {}", a.img, a.patch);
-        }
         let params = ParamStore::seeded(0);
-        let mae = Mae::new(&cfg, params.var_builder(&dev)).context("building the MAE")?;
-        let mut opt = optimizer(&params, &spec);
+        let mae = Mae::new(&cfg, params.var_builder(dev)).context("building the MAE")?;
         let l = cfg.num_patches() * a.batch;
-        run(&mut |rng| {
-            let noise: Vec<f32> = (0..l).map(|_| rng.f64() as f32).collect();
-            let mut t = Instant::now();
-            let out = mae.forward(&x, &noise, a.mask_ratio)?;
-            let fwd = ms_since(&mut t);
-            let grads = out.loss.backward()?;
-            let bwd = ms_since(&mut t);
-            opt.step(&grads, 1e-4)?;
-            Ok([fwd, bwd, ms_since(&mut t)])
-        })?;
-    } else {
-        let desc = NetDesc {
-            arch: match a.model.as_str() {
-                "resnet" => "resnet18".into(),
-                "densenet" => "densenet121".into(),
-                _ => "vit".into(),
-            },
-            img_size: a.img,
-            patch: a.patch,
-            vit_dims: Some([a.dim, a.depth, a.heads]),
-            densenet_dims: None,
-            drop_path: 0.0,
-            num_classes: 4,
-        };
-        let net = Net::build(&desc, 0, &dev)?;
-        let mut opt = optimizer(&net.params, &spec);
-        run(&mut |rng| {
-            let mut t = Instant::now();
-            let loss = cross_entropy(&net.logits(&x, Some(rng), &mut Taps::none())?, &y, 0.0)?;
-            let fwd = ms_since(&mut t);
-            let grads = loss.backward()?;
-            let bwd = ms_since(&mut t);
-            opt.step(&grads, 1e-4)?;
-            Ok([fwd, bwd, ms_since(&mut t)])
-        })?;
+        let ratio = a.mask_ratio;
+        return Ok(Bench {
+            params,
+            forward: Box::new(move |rng| {
+                let noise: Vec<f32> = (0..l).map(|_| rng.f64() as f32).collect();
+                Ok(mae.forward(&x, &noise, ratio)?.loss)
+            }),
+        });
     }
+    let desc = NetDesc {
+        arch: match a.model.as_str() {
+            "resnet" => "resnet18".into(),
+            "densenet" => "densenet121".into(),
+            _ => "vit".into(),
+        },
+        img_size: a.img,
+        patch: a.patch,
+        vit_dims: Some([a.dim, a.depth, a.heads]),
+        densenet_dims: None,
+        drop_path: 0.0,
+        num_classes: 4,
+    };
+    let net = Net::build(&desc, 0, dev)?;
+    let params = net.params.clone();
+    Ok(Bench {
+        params,
+        forward: Box::new(move |rng| {
+            Ok(cross_entropy(
+                &net.logits(&x, Some(rng), &mut Taps::none())?,
+                &y,
+                0.0,
+            )?)
+        }),
+    })
+}
+
+fn measure(a: &TrainArgs, threads: usize, dev: &Device) -> Result<Measured> {
+    let x = Tensor::randn(0f32, 1.0, (a.batch, 1, a.img, a.img), &Device::Cpu)?;
+    let bench = build(a, &x, dev)?;
+    let mut opt = optimizer(
+        &bench.params,
+        &OptimSpec {
+            weight_decay: 0.05,
+            betas: (0.9, 0.95),
+            layer_decay: None,
+            only: None,
+            lars: false,
+        },
+    );
+    let mut rng = Rng::new(0);
+    let mut step = |rng: &mut Rng| -> Result<Split> {
+        let mut t = Instant::now();
+        let loss = (bench.forward)(rng)?;
+        let fwd = ms_since(&mut t);
+        let grads = loss.backward()?;
+        let bwd = ms_since(&mut t);
+        opt.step(&grads, 1e-4)?;
+        dev.synchronize()?;
+        Ok([fwd, bwd, ms_since(&mut t)])
+    };
+    step(&mut rng)?; // warm-up: first allocations, lazily built pools and kernels
+    reset_peak_rss();
+    let times: Vec<Split> = (0..a.steps)
+        .map(|_| step(&mut rng))
+        .collect::<Result<_>>()?;
+    let peak = peak_rss_mib();
     Ok(Measured {
-        implementation: "candle".into(),
+        implementation: format!("candle ({})", a.device),
         model: a.model.clone(),
         img: a.img,
         patch: a.patch,
@@ -290,6 +325,53 @@ fn measure(a: &TrainArgs, threads: usize) -> Result<Measured> {
         optimizer_ms: median(times.iter().map(|t| t[2])),
         peak_rss_mib: peak,
     })
+}
+
+/// One forward and backward of the same model, weights and batch on `dev` and on the CPU: the
+/// largest difference of the loss and of every parameter's gradient, relative to the gradient's
+/// largest magnitude. Prints one line per parameter over `tolerance`; returns the worst.
+fn compare_with_cpu(a: &TrainArgs, dev: &Device, tolerance: f64) -> Result<f64> {
+    let x = Tensor::randn(0f32, 1.0, (a.batch, 1, a.img, a.img), &Device::Cpu)?;
+    let run = |d: &Device| -> Result<(f32, Vec<(String, Vec<f32>)>)> {
+        let bench = build(a, &x, d)?;
+        let loss = (bench.forward)(&mut Rng::new(7))?;
+        let grads = loss.backward()?;
+        let mut out = Vec::new();
+        for (name, var) in bench.params.named() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                out.push((name, g.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?));
+            }
+        }
+        Ok((loss.to_device(&Device::Cpu)?.to_scalar()?, out))
+    };
+    let (dev_loss, dev_grads) = run(dev)?;
+    let (cpu_loss, cpu_grads) = run(&Device::Cpu)?;
+    let mut worst = ((dev_loss - cpu_loss).abs() / cpu_loss.abs().max(1e-6)) as f64;
+    println!(
+        "loss: {} {dev_loss:.6} vs cpu {cpu_loss:.6} (relative difference {worst:.2e})",
+        a.device
+    );
+    if dev_grads.len() != cpu_grads.len() {
+        bail!(
+            "{} parameters got a gradient on {} but {} on the CPU",
+            dev_grads.len(),
+            a.device,
+            cpu_grads.len()
+        );
+    }
+    for ((name, g), (_, c)) in dev_grads.iter().zip(&cpu_grads) {
+        let scale = c.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let diff = g.iter().zip(c).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
+        if diff as f64 > tolerance {
+            println!("  {name}: gradient differs by {diff:.2e} of its largest value");
+        }
+        worst = worst.max(diff as f64);
+    }
+    println!(
+        "{} parameters compared; worst relative difference {worst:.2e} (tolerance {tolerance:.0e})",
+        cpu_grads.len()
+    );
+    Ok(worst)
 }
 
 fn median(v: impl Iterator<Item = f64>) -> f64 {
@@ -356,6 +438,8 @@ fn pytorch(a: &TrainArgs, threads: usize) -> Result<Measured> {
             &a.steps.to_string(),
             "--threads",
             &threads.to_string(),
+            "--device",
+            &a.device,
         ])
         .env("OMP_NUM_THREADS", threads.to_string())
         .env("MKL_NUM_THREADS", threads.to_string())

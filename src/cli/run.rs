@@ -92,20 +92,15 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = args.jobs.unwrap_or(cpus).max(1);
-    let device = if args.device == "auto" {
-        if args.gpus > 0 {
-            "cuda:0".to_owned()
-        } else {
-            "cpu".to_owned()
-        }
-    } else {
-        args.device.clone()
-    };
+    if args.device != "auto" {
+        crate::tasks::parse_device(&args.device)
+            .map_err(|e| UsageError(format!("--device: {e}")))?;
+    }
     let local = Local {
         catalog,
         workdir: loaded.plan.root.clone(),
         scratch_dir: loaded.store.scratch_dir(),
-        device,
+        device: args.device.clone(),
         threads: (cpus / jobs).max(1),
         cancel: Arc::new(AtomicBool::new(false)),
     };

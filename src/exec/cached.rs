@@ -28,6 +28,7 @@ pub struct Local<'a> {
     pub catalog: &'a Catalog,
     pub workdir: PathBuf,
     pub scratch_dir: PathBuf,
+    /// `cpu`, `cuda:N`, or `auto`: each stage on the GPU the scheduler gave it, else the CPU.
     pub device: String,
     pub threads: usize,
     pub cancel: Arc<AtomicBool>,
@@ -43,6 +44,8 @@ pub struct Job<'a> {
     pub keyed: &'a Keyed,
     pub inputs: Inputs,
     pub force: bool,
+    /// The GPUs the scheduler assigned to this stage (empty: none).
+    pub gpus: &'a [u32],
 }
 
 pub fn execute(store: &Store, local: &Local, job: &Job, sink: &dyn EventSink) -> Outcome {
@@ -117,7 +120,7 @@ fn run_and_publish(
         wall_s,
         peak_rss_kib: peak,
         host: hostname(),
-        device: local.device.clone(),
+        device: local.device_for(job),
         pretext_version: env!("CARGO_PKG_VERSION").to_owned(),
         metrics: metrics.clone(),
     };
@@ -134,6 +137,15 @@ fn run_and_publish(
 }
 
 impl Local<'_> {
+    /// The device a stage runs on: the one asked for, or under `auto` its first assigned GPU.
+    fn device_for(&self, job: &Job) -> String {
+        match (self.device.as_str(), job.gpus.first()) {
+            ("auto", Some(g)) => format!("cuda:{g}"),
+            ("auto", None) => "cpu".into(),
+            (named, _) => named.to_owned(),
+        }
+    }
+
     /// Runs the task with its log teed to `out_dir/log.txt` and to the event sink.
     fn run(
         &self,
@@ -170,7 +182,7 @@ impl Local<'_> {
             checkpoint_dir: checkpoint_dir.to_path_buf(),
             workdir: self.workdir.clone(),
             scratch_dir: self.scratch_dir.clone(),
-            device: self.device.clone(),
+            device: self.device_for(job),
             threads: self.threads,
             cancel: self.cancel.clone(),
             progress: &progress,

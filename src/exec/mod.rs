@@ -82,7 +82,7 @@ pub fn run_plan(
         to_run: total - cached,
     });
 
-    let runner = |i: usize| {
+    let runner = |i: usize, gpus: &[u32]| {
         let stage = &plan.stages[i];
         let job = Job {
             name: &stage.name,
@@ -91,6 +91,7 @@ pub fn run_plan(
             keyed: &keys[i],
             inputs: resolve_inputs(plan, keys, store, i),
             force: opts.force[i],
+            gpus,
         };
         let outcome = cached::execute(store, local, &job, sink);
         announce(&stage.name, &keys[i], &outcome, sink);

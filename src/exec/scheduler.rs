@@ -38,7 +38,7 @@ pub fn walk(
     nodes: &[Node],
     selected: &[bool],
     opts: &WalkOptions,
-    runner: &(dyn Fn(usize) -> Outcome + Sync),
+    runner: &(dyn Fn(usize, &[u32]) -> Outcome + Sync),
     sink: &dyn EventSink,
 ) -> Vec<Status> {
     let started = Instant::now();
@@ -54,6 +54,9 @@ pub fn walk(
         .collect();
     let mut running = 0usize;
     let mut gpus_free = opts.gpus;
+    // Which cards are taken: a stage gets particular GPUs, so two stages never share one.
+    let mut gpu_taken = vec![false; opts.gpus as usize];
+    let mut gpus_of: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
     let mut cpus_free = opts.cpus.max(1);
     let cpu_need = |i: usize| nodes[i].cpus.clamp(1, opts.cpus.max(1));
     let mut stop = false;
@@ -63,7 +66,7 @@ pub fn walk(
 
     // A fixed pool of `jobs` workers: the cost per stage stays flat however large the DAG is
     // (no thread per stage), and cache hits never wait for a thread to start.
-    let (job_tx, job_rx) = mpsc::channel::<usize>();
+    let (job_tx, job_rx) = mpsc::channel::<(usize, Vec<u32>)>();
     let job_rx = std::sync::Mutex::new(job_rx);
     std::thread::scope(|scope| {
         for _ in 0..opts.jobs.max(1) {
@@ -71,8 +74,8 @@ pub fn walk(
             scope.spawn(move || loop {
                 let next = job_rx.lock().expect("job queue").recv();
                 match next {
-                    Ok(i) => {
-                        if tx.send((i, runner(i))).is_err() {
+                    Ok((i, gpus)) => {
+                        if tx.send((i, runner(i, &gpus))).is_err() {
                             return;
                         }
                     }
@@ -146,7 +149,14 @@ pub fn walk(
                     running += 1;
                     gpus_free -= gpu_need(i);
                     cpus_free -= cpu_need(i);
-                    job_tx.send(i).expect("workers are alive");
+                    let ids: Vec<u32> = (0..gpu_taken.len())
+                        .filter(|&g| !gpu_taken[g])
+                        .take(gpu_need(i) as usize)
+                        .map(|g| g as u32)
+                        .collect();
+                    ids.iter().for_each(|&g| gpu_taken[g as usize] = true);
+                    gpus_of[i] = ids.clone();
+                    job_tx.send((i, ids)).expect("workers are alive");
                 }
             }
             if running == 0 {
@@ -156,6 +166,9 @@ pub fn walk(
             running -= 1;
             gpus_free += gpu_need(i);
             cpus_free += cpu_need(i);
+            gpus_of[i]
+                .drain(..)
+                .for_each(|g| gpu_taken[g as usize] = false);
             match &outcome {
                 Outcome::Failed { .. } => stop = stop || !opts.keep_going,
                 Outcome::Cached { .. } | Outcome::Ran { .. } => {}
@@ -220,7 +233,7 @@ mod tests {
     #[test]
     fn runs_in_dependency_order() {
         let order = Mutex::new(Vec::new());
-        let runner = |i: usize| {
+        let runner = |i: usize, _: &[u32]| {
             order.lock().unwrap().push(i);
             Outcome::Ran { wall_s: 0.0 }
         };
@@ -241,7 +254,7 @@ mod tests {
 
     #[test]
     fn failure_skips_downstream_and_keep_going_runs_the_rest() {
-        let runner = |i: usize| {
+        let runner = |i: usize, _: &[u32]| {
             if i == 0 {
                 Outcome::Failed {
                     error: "boom".into(),
@@ -292,7 +305,7 @@ mod tests {
         ];
         let running = Mutex::new(Vec::<usize>::new());
         let overlaps = Mutex::new(Vec::<(usize, usize)>::new());
-        let runner = |i: usize| {
+        let runner = |i: usize, _: &[u32]| {
             {
                 let mut r = running.lock().unwrap();
                 for &j in r.iter() {
@@ -339,12 +352,14 @@ mod tests {
             },
         ];
         let busy = Mutex::new((0, 0));
-        let runner = |_| {
+        let cards = Mutex::new(Vec::new());
+        let runner = |_: usize, gpus: &[u32]| {
             {
                 let mut b = busy.lock().unwrap();
                 b.0 += 1;
                 b.1 = b.1.max(b.0);
             }
+            cards.lock().unwrap().push(gpus.to_vec());
             std::thread::sleep(std::time::Duration::from_millis(30));
             busy.lock().unwrap().0 -= 1;
             Outcome::Ran { wall_s: 0.0 }
@@ -361,5 +376,35 @@ mod tests {
             1,
             "two GPU stages shared one GPU"
         );
+        assert_eq!(cards.into_inner().unwrap(), vec![vec![0], vec![0]]);
+    }
+
+    #[test]
+    fn gpu_stages_on_two_cards_get_different_cards() {
+        let nodes: Vec<Node> = ["g1", "g2"]
+            .into_iter()
+            .map(|name| Node {
+                name,
+                deps: &[],
+                gpus: 1,
+                cpus: 1,
+            })
+            .collect();
+        let cards = Mutex::new(Vec::new());
+        let runner = |_: usize, gpus: &[u32]| {
+            cards.lock().unwrap().push(gpus.to_vec());
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            Outcome::Ran { wall_s: 0.0 }
+        };
+        let opts = WalkOptions {
+            jobs: 4,
+            gpus: 2,
+            cpus: 2,
+            keep_going: false,
+        };
+        walk(&nodes, &[true, true], &opts, &runner, &Recorder::default());
+        let mut got = cards.into_inner().unwrap();
+        got.sort();
+        assert_eq!(got, vec![vec![0], vec![1]]);
     }
 }

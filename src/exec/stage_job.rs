@@ -76,6 +76,7 @@ impl StageJob {
             keyed: &self.keyed,
             inputs: Inputs(self.inputs.clone()),
             force: self.force,
+            gpus: &[],
         };
         Ok(cached::execute(&store, &local, &job, sink))
     }

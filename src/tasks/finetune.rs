@@ -19,7 +19,7 @@ use crate::train::metrics::{accuracy, roc_auc_per_class};
 use crate::train::optim::clip_grad_norm;
 use crate::train::schedule::scaled_lr;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, D};
+use candle_core::D;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -172,7 +172,7 @@ pub fn evaluate_split(
     norm: Normalize,
     classes: usize,
 ) -> Result<(f64, f64, Option<f64>, Vec<Vec<f64>>)> {
-    let dev = Device::Cpu;
+    let dev = net.device().clone();
     let (mut loss_sum, mut probs, mut truth) = (0.0, Vec::new(), Vec::new());
     let d = Arc::new(set.decoded.clone());
     let labels: Vec<u32> = positions
@@ -264,7 +264,7 @@ impl Task for Finetune {
     }
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
-        let dev = Device::Cpu;
+        let dev = ctx.compute_device()?;
         let set = ImageSet::open(
             inputs.item("data")?,
             p.img_size,

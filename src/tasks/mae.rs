@@ -302,7 +302,7 @@ fn masks(p: &Params, n: usize, grid: usize, epoch: usize, step: usize) -> Vec<f3
 
 fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
     let cfg = p.config()?;
-    let dev = Device::Cpu;
+    let dev = ctx.compute_device()?;
     let (set, train, norm) = pretraining_set(p, inputs, ctx)?;
     let params = ParamStore::seeded(p.seed);
     let mae = Mae::new(&cfg, params.var_builder(&dev))?;
@@ -352,7 +352,7 @@ fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
     candle_core::safetensors::save(&encoder, ctx.out_dir.join("encoder.safetensors"))?;
     params.save_safetensors(&ctx.out_dir.join("mae.safetensors"), |_| true)?;
 
-    let shown = shown_images(p, &set, &train, norm)?;
+    let shown = shown_images(p, &set, &train, norm, &dev)?;
     let n = shown.dim(0)?;
     let mut rng = Rng::new(p.seed ^ 0x5EC0);
     let noise = masking_noise(p.masking(), n, cfg.grid(), p.mask_ratio, &mut || rng.f64());
@@ -380,7 +380,7 @@ fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
 }
 
 fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
-    let dev = Device::Cpu;
+    let dev = ctx.compute_device()?;
     if p.img_size % p.patch != 0 {
         bail!(
             "img_size {} is not a multiple of the masking patch {}",
@@ -443,7 +443,7 @@ fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         })?;
     net.params
         .save_safetensors(&ctx.out_dir.join("mae.safetensors"), |_| true)?;
-    let shown = shown_images(p, &set, &train, norm)?;
+    let shown = shown_images(p, &set, &train, norm, &dev)?;
     let mut rng = Rng::new(p.seed ^ 0x5EC0);
     let noise = masking_noise(p.masking(), shown.dim(0)?, grid, p.mask_ratio, &mut || {
         rng.f64()
@@ -469,7 +469,7 @@ fn train_loop(
     ctx: &mut StageCtx,
     loss_of: impl Fn(&Tensor, usize, usize, &mut Rng) -> Result<Tensor>,
 ) -> Result<History> {
-    let dev = Device::Cpu;
+    let dev = ctx.compute_device()?;
     let mut opt = super::fit::optimizer(
         params,
         &OptimSpec {
@@ -537,7 +537,13 @@ fn summary(p: &Params, history: &History, set: &ImageSet, images: usize, norm: N
 }
 
 /// The first `recon_images` pretraining images, normalised, as [n, 1, S, S].
-fn shown_images(p: &Params, set: &ImageSet, train: &[usize], norm: Normalize) -> Result<Tensor> {
+fn shown_images(
+    p: &Params,
+    set: &ImageSet,
+    train: &[usize],
+    norm: Normalize,
+    dev: &Device,
+) -> Result<Tensor> {
     let shown: Vec<usize> = train.iter().copied().take(p.recon_images.max(1)).collect();
     let x: Vec<f32> = shown
         .iter()
@@ -546,7 +552,7 @@ fn shown_images(p: &Params, set: &ImageSet, train: &[usize], norm: Normalize) ->
     Ok(Tensor::from_vec(
         x,
         (shown.len(), 1, p.img_size, p.img_size),
-        &Device::Cpu,
+        dev,
     )?)
 }
 

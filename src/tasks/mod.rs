@@ -16,7 +16,7 @@ pub mod net;
 pub mod proxy;
 pub mod report;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -197,7 +197,39 @@ pub struct StageCtx<'a> {
     pub peak_rss_kib: Option<u64>,
 }
 
+/// The CUDA ordinal a device string names (`cuda` is `cuda:0`), or `None` for `cpu`.
+pub fn parse_device(name: &str) -> Result<Option<usize>> {
+    match name {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        n => n
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| anyhow!("unknown device `{n}`: use cpu, cuda, cuda:N or auto")),
+    }
+}
+
+/// The candle device a device string names: `cpu`, `cuda` or `cuda:N`.
+pub fn compute_device(name: &str) -> Result<candle_core::Device> {
+    let Some(ordinal) = parse_device(name)? else {
+        return Ok(candle_core::Device::Cpu);
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "device `{name}`: this pretext was built without CUDA; build it with \
+             `cargo build --release --features cuda` (tools/cuda/build.sh) or use --device cpu"
+        );
+    }
+    candle_core::Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
 impl StageCtx<'_> {
+    /// Where this stage's models and batches live.
+    pub fn compute_device(&self) -> Result<candle_core::Device> {
+        compute_device(&self.device)
+    }
+
     pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
         (self.progress)(Progress {
             done,

@@ -103,6 +103,7 @@ pub struct Net {
     pub desc: NetDesc,
     pub arch: Arch,
     pub params: ParamStore,
+    device: Device,
 }
 
 impl NetDesc {
@@ -172,6 +173,11 @@ pub const KNOWN: &[&str] = &[
 ];
 
 impl Net {
+    /// Where the parameters live.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn build(desc: &NetDesc, seed: u64, device: &Device) -> Result<Net> {
         let params = ParamStore::seeded(seed);
         let vb = params.var_builder(device);
@@ -210,6 +216,7 @@ impl Net {
             desc: desc.clone(),
             arch,
             params,
+            device: device.clone(),
         })
     }
 

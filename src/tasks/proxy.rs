@@ -20,7 +20,7 @@ use crate::nn::tap::Taps;
 use crate::rng::Rng;
 use crate::train::schedule::scaled_lr;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -172,7 +172,7 @@ impl Task for Proxy {
     }
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
-        let dev = Device::Cpu;
+        let dev = ctx.compute_device()?;
         let (set, train, norm) = ImageSet::unlabelled(
             inputs.item("images")?,
             p.img_size,

@@ -166,3 +166,29 @@ fn bad_flags_exit_2_and_help_teaches() {
         missing.stderr
     );
 }
+
+#[test]
+fn a_bad_device_is_a_usage_error_and_cuda_without_cuda_says_how_to_build() {
+    let p = Project::new();
+    p.write("data/imgs/x", "x");
+    p.write(
+        "pipelines/d.yaml",
+        "data:\n  imgs: { path: data/imgs }\nstages:\n  m:\n    kind: mae\n    inputs: { images: data.imgs }\n",
+    );
+    let bad = p.run(&["run", "pipelines/d.yaml", "--device", "gpu0"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("unknown device `gpu0`"),
+        "{}",
+        bad.stderr
+    );
+    if !cfg!(feature = "cuda") {
+        let r = p.run(&["run", "pipelines/d.yaml", "--device", "cuda:0"]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("built without CUDA") && r.stderr.contains("--features cuda"),
+            "{}",
+            r.stderr
+        );
+    }
+}
