@@ -20,6 +20,10 @@ pub struct GcArgs {
     /// List what would be removed, remove nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Also remove the job folders of Slurm runs (cache/jobs/: scripts, stage files, job
+    /// output) untouched for this many days.
+    #[arg(long, default_value_t = 7.0, value_name = "DAYS")]
+    keep_jobs_days: f64,
 }
 
 #[derive(Args)]
@@ -104,6 +108,20 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
             }
         }
     }
+    for run in old_job_runs(&store.jobs_dir(), args.keep_jobs_days)? {
+        println!(
+            "{} Slurm job folder {}",
+            if args.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            },
+            run.display()
+        );
+        if !args.dry_run {
+            std::fs::remove_dir_all(&run)?;
+        }
+    }
     println!(
         "{} pipelines, {} entries kept, {removed} {}",
         files.len(),
@@ -111,6 +129,42 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
         if args.dry_run { "to remove" } else { "removed" }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Run folders under `jobs` in which nothing changed for `days` (a running job keeps appending
+/// to its output file, so a live run is never old).
+fn old_job_runs(jobs: &Path, days: f64) -> Result<Vec<PathBuf>> {
+    let Ok(runs) = std::fs::read_dir(jobs) else {
+        return Ok(Vec::new());
+    };
+    let limit = std::time::Duration::from_secs_f64((days * 86_400.0).max(0.0));
+    let now = std::time::SystemTime::now();
+    let newest = |dir: &Path| -> std::time::SystemTime {
+        let mut t = std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .unwrap_or(now);
+        for stage in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(stage.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Ok(m) = f.metadata().and_then(|m| m.modified()) {
+                    t = t.max(m);
+                }
+            }
+        }
+        t
+    };
+    let mut old = Vec::new();
+    for run in runs {
+        let dir = run?.path();
+        if dir.is_dir() && now.duration_since(newest(&dir)).unwrap_or_default() >= limit {
+            old.push(dir);
+        }
+    }
+    old.sort();
+    Ok(old)
 }
 
 pub fn verify(args: VerifyArgs) -> Result<ExitCode> {

@@ -372,8 +372,23 @@ fn gc_removes_unreached_entries_and_verify_finds_corruption() {
         dry.stdout
     );
     assert_eq!(p.entries("command"), 6);
+    // Slurm job folders: an old run goes, a recent one stays.
+    for run in ["100-1", "200-2"] {
+        p.write(&format!("cache/jobs/{run}/0000-a/job.json"), "{}");
+    }
+    let old = p.path().join("cache/jobs/100-1");
+    let aged = std::process::Command::new("touch")
+        .args(["-d", "10 days ago"])
+        .arg(&old)
+        .arg(old.join("0000-a"))
+        .arg(old.join("0000-a/job.json"))
+        .status()
+        .unwrap();
+    assert!(aged.success());
     p.run(&["gc"]).ok();
     assert_eq!(p.entries("command"), 4);
+    assert!(!old.exists(), "a 10-day-old job folder is removed");
+    assert!(p.path().join("cache/jobs/200-2/0000-a/job.json").is_file());
     assert_eq!(
         p.status("pipelines/c.yaml")
             .iter()
