@@ -35,7 +35,21 @@ impl Conv {
             padding,
         })
     }
+    /// The fused im2col/GEMM kernel for f32 on the CPU, candle's conv2d elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::ops::fusable(x) && super::ops::fusable(&self.weight) {
+            return x.contiguous()?.apply_op2(
+                &self.weight,
+                super::fused::Conv2d {
+                    stride: self.stride,
+                    padding: self.padding,
+                },
+            );
+        }
+        self.forward_composed(x)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
     }
 }
@@ -53,8 +67,25 @@ pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
     )
 }
 
+/// BatchNorm; in training, the fused kernel for f32 on the CPU (candle_nn's train mode is a
+/// dozen graph nodes with two transposed copies), with candle_nn's running-statistics update.
 pub fn bn(norm: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
-    norm.forward_t(x, train)
+    match norm.weight_and_bias() {
+        Some((w, b)) if train && super::ops::fusable(x) && x.rank() == 4 => {
+            let x = x.contiguous()?;
+            let moments = x.apply_op1_no_bwd(&super::fused::ChannelMoments)?;
+            let m = norm.momentum();
+            let count = (x.elem_count() / x.dim(1)?) as f64;
+            let running_mean = candle_core::Var::from_tensor(norm.running_mean())?;
+            running_mean
+                .set(&((running_mean.as_tensor() * (1.0 - m))? + (moments.get(0)? * m)?)?)?;
+            let running_var = candle_core::Var::from_tensor(norm.running_var())?;
+            let unbiased = (moments.get(1)? * (count / (count - 1.0).max(1.0)))?;
+            running_var.set(&((running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+            x.apply_op3(w, b, super::fused::BatchNormTrain { eps: norm.eps() })
+        }
+        _ => norm.forward_t(x, train),
+    }
 }
 
 /// torch's default Linear initialisation (uniform +-1/sqrt(fan_in)) for classifier heads.
@@ -81,4 +112,126 @@ pub fn classifier(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candl
 
 pub fn apply(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     linear.forward(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The fused train-mode BatchNorm against candle_nn's: output, every gradient, and the
+    /// running statistics it leaves behind.
+    #[test]
+    fn fused_batch_norm_matches_candle() {
+        let dev = Device::Cpu;
+        let make = || {
+            let vm = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev);
+            let norm = batch_norm(5, vb).unwrap();
+            (vm, norm)
+        };
+        let (vm_f, fused_bn) = make();
+        let (vm_c, composed_bn) = make();
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 2.0, (4, 5, 6, 7), &dev).unwrap() + 0.5).unwrap(),
+        )
+        .unwrap();
+        let up = Tensor::randn(0f32, 1.0, (4, 5, 6, 7), &dev).unwrap();
+        let fused = bn(&fused_bn, &x, true).unwrap();
+        let composed = composed_bn.forward_t(&x, true).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: &Tensor, e: &Tensor, what: &str| {
+            for (i, (p, q)) in flat(a).iter().zip(flat(e)).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                    "{what}[{i}]: {p} vs {q}"
+                );
+            }
+        };
+        close(&fused, &composed, "y");
+        close(
+            fused_bn.running_mean(),
+            composed_bn.running_mean(),
+            "running mean",
+        );
+        close(
+            fused_bn.running_var(),
+            composed_bn.running_var(),
+            "running var",
+        );
+        let gf = (fused * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "dx");
+        for name in ["weight", "bias"] {
+            let f = vm_f.data().lock().unwrap()[name].clone();
+            let c = vm_c.data().lock().unwrap()[name].clone();
+            close(gf.get(&f).unwrap(), gc.get(&c).unwrap(), name);
+        }
+    }
+
+    /// The fused convolution against candle's: output, weight gradient and input gradient, for
+    /// the shapes ResNet uses (7x7/2 stem, 3x3 with and without stride, 1x1/2 shortcut).
+    #[test]
+    fn fused_conv_matches_candle() {
+        let dev = Device::Cpu;
+        for (c, o, k, stride, padding, size) in [
+            (1, 4, 7, 2, 3, 13),
+            (3, 5, 3, 1, 1, 9),
+            (4, 6, 3, 2, 1, 8),
+            (6, 3, 1, 2, 0, 7),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, c, size, size), &dev).unwrap())
+                .unwrap();
+            let conv = Conv {
+                weight: Var::from_tensor(&Tensor::randn(0f32, 0.5, (o, c, k, k), &dev).unwrap())
+                    .unwrap()
+                    .as_tensor()
+                    .clone(),
+                stride,
+                padding,
+            };
+            let fused = conv.forward(&x).unwrap();
+            let composed = conv.forward_composed(&x).unwrap();
+            assert_eq!(fused.dims(), composed.dims());
+            let up = Tensor::randn(0f32, 1.0, fused.dims(), &dev).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let close = |a: &Tensor, e: &Tensor, what: &str| {
+                for (i, (p, q)) in flat(a).iter().zip(flat(e)).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "{what}[{i}] k{k}s{stride}: {p} vs {q}"
+                    );
+                }
+            };
+            close(&fused, &composed, "y");
+            let gf = (fused * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (composed * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "dx");
+            close(
+                gf.get(&conv.weight).unwrap(),
+                gc.get(&conv.weight).unwrap(),
+                "dw",
+            );
+        }
+    }
 }
