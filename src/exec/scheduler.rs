@@ -26,6 +26,22 @@ pub enum Status {
     Skipped(String),
 }
 
+impl Status {
+    /// Before a run: the selected stages pending, the rest not selected.
+    pub fn initial(selected: &[bool]) -> Vec<Status> {
+        selected
+            .iter()
+            .map(|&s| {
+                if s {
+                    Status::Pending
+                } else {
+                    Status::NotSelected
+                }
+            })
+            .collect()
+    }
+}
+
 /// One node: its dependencies (indices) and what it needs of the machine.
 pub struct Node<'a> {
     pub name: &'a str,
@@ -42,16 +58,7 @@ pub fn walk(
     sink: &dyn EventSink,
 ) -> Vec<Status> {
     let started = Instant::now();
-    let mut status: Vec<Status> = selected
-        .iter()
-        .map(|&s| {
-            if s {
-                Status::Pending
-            } else {
-                Status::NotSelected
-            }
-        })
-        .collect();
+    let mut status = Status::initial(selected);
     let mut running = 0usize;
     let mut gpus_free = opts.gpus;
     // Which cards are taken: a stage gets particular GPUs, so two stages never share one.

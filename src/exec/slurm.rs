@@ -465,16 +465,7 @@ pub fn run_plan(
     let journal = Journal::for_pipeline(&store.journal_dir(), &plan.file);
     let recorded = journal.latest();
     let n = plan.stages.len();
-    let mut status: Vec<Status> = selected
-        .iter()
-        .map(|&s| {
-            if s {
-                Status::Pending
-            } else {
-                Status::NotSelected
-            }
-        })
-        .collect();
+    let mut status = Status::initial(selected);
     let mut hits = Vec::new();
     for i in 0..n {
         if selected[i] && !opts.force[i] {

@@ -117,6 +117,7 @@ pub fn apply(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::agree::{assert_close, pull};
     use candle_core::{Device, Var};
 
     /// The fused train-mode BatchNorm against candle_nn's: output, every gradient, and the
@@ -139,15 +140,7 @@ mod tests {
         let up = Tensor::randn(0f32, 1.0, (4, 5, 6, 7), &dev).unwrap();
         let fused = bn(&fused_bn, &x, true).unwrap();
         let composed = composed_bn.forward_t(&x, true).unwrap();
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let close = |a: &Tensor, e: &Tensor, what: &str| {
-            for (i, (p, q)) in flat(a).iter().zip(flat(e)).enumerate() {
-                assert!(
-                    (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                    "{what}[{i}]: {p} vs {q}"
-                );
-            }
-        };
+        let close = |a: &Tensor, e: &Tensor, what: &str| assert_close(a, e, 1e-4, what);
         close(&fused, &composed, "y");
         close(
             fused_bn.running_mean(),
@@ -159,18 +152,7 @@ mod tests {
             composed_bn.running_var(),
             "running var",
         );
-        let gf = (fused * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (composed * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
         close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "dx");
         for name in ["weight", "bias"] {
             let f = vm_f.data().lock().unwrap()[name].clone();
@@ -204,28 +186,9 @@ mod tests {
             let composed = conv.forward_composed(&x).unwrap();
             assert_eq!(fused.dims(), composed.dims());
             let up = Tensor::randn(0f32, 1.0, fused.dims(), &dev).unwrap();
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let close = |a: &Tensor, e: &Tensor, what: &str| {
-                for (i, (p, q)) in flat(a).iter().zip(flat(e)).enumerate() {
-                    assert!(
-                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                        "{what}[{i}] k{k}s{stride}: {p} vs {q}"
-                    );
-                }
-            };
+            let close = |a: &Tensor, e: &Tensor, what: &str| assert_close(a, e, 1e-4, what);
             close(&fused, &composed, "y");
-            let gf = (fused * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (composed * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
             close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "dx");
             close(
                 gf.get(&conv.weight).unwrap(),

@@ -188,6 +188,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::agree::{assert_close, pull};
     use candle_core::{Device, Var};
 
     fn numeric_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &[f32], shape: &[usize]) -> Vec<f32> {
@@ -314,20 +315,7 @@ mod tests {
     #[test]
     fn fused_kernels_match_the_composed_ops() {
         let dev = Device::Cpu;
-        let close = |a: &Tensor, b: &Tensor, what: &str| {
-            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-            assert_eq!(a.len(), b.len(), "{what}");
-            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                assert!(
-                    (x - y).abs() <= 2e-5 * (1.0 + y.abs()),
-                    "{what}[{i}]: fused {x} vs composed {y}"
-                );
-            }
-        };
-        // Gradients of sum(t * up): pulls `up` back through the op.
-        let pull =
-            |t: &Tensor, up: &Tensor| (t * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| assert_close(a, b, 2e-5, what);
         let (rows, d) = (300, 197);
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (rows, d), &dev).unwrap())).unwrap();
         let up = Tensor::randn(0f32, 1.0, (rows, d), &dev).unwrap();
@@ -373,31 +361,12 @@ mod tests {
             weight: w.as_tensor().clone(),
             bias: b.as_tensor().clone(),
         };
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let close = |a: &Tensor, e: &Tensor, what: &str| {
-            for (i, (x, y)) in flat(a).iter().zip(flat(e)).enumerate() {
-                assert!(
-                    (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                    "{what}[{i}]: {x} vs {y}"
-                );
-            }
-        };
+        let close = |a: &Tensor, e: &Tensor, what: &str| assert_close(a, e, 1e-4, what);
         let fused = lin.forward(&x).unwrap();
         let composed = lin.forward_composed(&x).unwrap();
         assert_eq!(fused.dims(), &[3, 70, 40]);
         close(&fused, &composed, "y");
-        let gf = (fused * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (composed * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
         for (v, what) in [(&x, "dx"), (&w, "dweight"), (&b, "dbias")] {
             close(gf.get(v).unwrap(), gc.get(v).unwrap(), what);
         }

@@ -459,6 +459,7 @@ impl Vit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::agree::{assert_close, pull};
     use candle_core::{Device, Var};
 
     /// The fused attention kernel against candle ops: output and the gradient of the packed qkv,
@@ -474,33 +475,9 @@ mod tests {
             let scale = (dh as f64).powf(-0.5);
             let fused = attention_core(&qkv, heads, scale).unwrap();
             let composed = attention_core_composed(&qkv, heads, scale).unwrap();
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let close = |a: Vec<f32>, e: Vec<f32>, what: &str| {
-                for (i, (x, y)) in a.iter().zip(&e).enumerate() {
-                    assert!(
-                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                        "{what}[{i}]: {x} vs {y}"
-                    );
-                }
-            };
-            close(flat(&fused), flat(&composed), "output");
-            let gf = (fused * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gc = (composed * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            close(
-                flat(gf.get(&qkv).unwrap()),
-                flat(gc.get(&qkv).unwrap()),
-                "dqkv",
-            );
+            assert_close(&fused, &composed, 1e-5, "output");
+            let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
+            assert_close(gf.get(&qkv).unwrap(), gc.get(&qkv).unwrap(), 1e-5, "dqkv");
         }
     }
 }
