@@ -204,11 +204,17 @@ fn describe(a: &TrainArgs) -> String {
     }
 }
 
+/// The loss of one fixed batch, drawing masks or DropPath from the given stream.
+type LossFn = Box<dyn Fn(&mut Rng) -> Result<Tensor>>;
+
 /// A model ready to train on one fixed batch.
 struct Bench {
     params: ParamStore,
-    forward: Box<dyn Fn(&mut Rng) -> Result<Tensor>>,
+    forward: LossFn,
 }
+
+/// A loss and each parameter's gradient, by name, on the host.
+type Gradients = (f32, Vec<(String, Vec<f32>)>);
 
 /// The model of `a` on `dev`, with parameters drawn from seed 0 and the batch `x` (made on the
 /// CPU, so that two devices see the same numbers).
@@ -222,7 +228,7 @@ fn build(a: &TrainArgs, x: &Tensor, dev: &Device) -> Result<Bench> {
         dev,
     )?;
     if a.model == "mae" {
-        if a.img % a.patch != 0 {
+        if !a.img.is_multiple_of(a.patch) {
             bail!("--img {} is not a multiple of --patch {}", a.img, a.patch);
         }
         let cfg = MaeConfig {
@@ -332,7 +338,7 @@ fn measure(a: &TrainArgs, threads: usize, dev: &Device) -> Result<Measured> {
 /// largest magnitude. Prints one line per parameter over `tolerance`; returns the worst.
 fn compare_with_cpu(a: &TrainArgs, dev: &Device, tolerance: f64) -> Result<f64> {
     let x = Tensor::randn(0f32, 1.0, (a.batch, 1, a.img, a.img), &Device::Cpu)?;
-    let run = |d: &Device| -> Result<(f32, Vec<(String, Vec<f32>)>)> {
+    let run = |d: &Device| -> Result<Gradients> {
         let bench = build(a, &x, d)?;
         let loss = (bench.forward)(&mut Rng::new(7))?;
         let grads = loss.backward()?;

@@ -375,6 +375,15 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// Through a method, so that closures capture the whole `Shared` (which is Send) rather
+    /// than its raw pointer field.
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer this pointer came from.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 fn softmax_rows(s: &mut [f32], n: usize) {
     for row in s.chunks_mut(n) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -465,11 +474,10 @@ impl CustomOp1 for Attention {
             |p, task| {
                 let (b, h) = (task / self.heads, task % self.heads);
                 let [q, k, v] = self.qkv_views(base as *const f32, &g, b, h);
-                let dst = dst;
                 // SAFETY: views stay inside qkv; this task alone writes head h of batch b.
                 unsafe {
                     self.probabilities(p, &g, q, k);
-                    let o = dst.0.add(b * g.n * g.c + h * g.dh);
+                    let o = dst.at(b * g.n * g.c + h * g.dh);
                     let p = View {
                         ptr: p.as_ptr(),
                         rs: g.n as isize,
@@ -526,7 +534,6 @@ impl CustomOp2 for AttentionBwd {
             |(p, dp), task| {
                 let (b, h) = (task / self.heads, task % self.heads);
                 let [q, k, v] = fwd.qkv_views(base as *const f32, &g, b, h);
-                let dst = dst;
                 // SAFETY: views stay inside qkv/grad; this task alone writes the q, k and v
                 // columns of head h in batch b's rows of dqkv.
                 unsafe {
@@ -542,7 +549,7 @@ impl CustomOp2 for AttentionBwd {
                         cs: 1,
                     };
                     let [dq, dk, dv] = fwd
-                        .qkv_views(dst.0 as *const f32, &g, b, h)
+                        .qkv_views(dst.at(0) as *const f32, &g, b, h)
                         .map(|w| w.ptr as *mut f32);
                     let drs = (3 * g.c) as isize;
                     // dV = P^T dO
@@ -1160,14 +1167,13 @@ impl CustomOp3 for BatchNormTrain {
         let mut y = vec![0f32; x.len()];
         let dst = Shared(y.as_mut_ptr());
         (0..c).into_par_iter().for_each(|ch| {
-            let dst = dst;
             let (mean, var) = channel_moments(x, b, c, hw, ch);
             let scale = (w[ch] as f64 / (var + self.eps).sqrt()) as f32;
             let shift = bias[ch] - mean as f32 * scale;
             for i in 0..b {
                 let off = (i * c + ch) * hw;
                 // SAFETY: channel `ch` of each image is written by this task alone.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(off), hw) };
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.at(off), hw) };
                 for (o, &v) in out.iter_mut().zip(&x[off..off + hw]) {
                     *o = v * scale + shift;
                 }
@@ -1222,7 +1228,6 @@ impl CustomOp3 for BatchNormTrainBwd {
         let mut out = vec![0f32; n + 2 * c];
         let dst = Shared(out.as_mut_ptr());
         (0..c).into_par_iter().for_each(|ch| {
-            let dst = dst;
             let (mean, var) = channel_moments(x, b, c, hw, ch);
             let rstd = 1.0 / (var + self.eps).sqrt();
             // dbias = sum g, dweight = sum g * xhat
@@ -1241,15 +1246,15 @@ impl CustomOp3 for BatchNormTrainBwd {
                 let off = (i * c + ch) * hw;
                 // SAFETY: channel `ch` of each image, and slots n+ch and n+c+ch, are written by
                 // this task alone.
-                let dx = unsafe { std::slice::from_raw_parts_mut(dst.0.add(off), hw) };
+                let dx = unsafe { std::slice::from_raw_parts_mut(dst.at(off), hw) };
                 for ((d, &xv), &gv) in dx.iter_mut().zip(&x[off..off + hw]).zip(&g[off..off + hw]) {
                     let xhat = (xv as f64 - mean) * rstd;
                     *d = (k * (gv as f64 - mg - xhat * mgx)) as f32;
                 }
             }
             unsafe {
-                *dst.0.add(n + ch) = sum_g_xhat as f32;
-                *dst.0.add(n + c + ch) = sum_g as f32;
+                *dst.at(n + ch) = sum_g_xhat as f32;
+                *dst.at(n + c + ch) = sum_g as f32;
             }
         });
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
