@@ -320,7 +320,8 @@ fn a_job_killed_by_its_time_limit_leaves_no_entry_and_the_next_one_resumes() {
     if !cluster() {
         return;
     }
-    // Slurm's shortest limit is one minute, and the kill comes up to ~30 s after it.
+    // Slurm's shortest limit is one minute and the kill comes up to a minute after it; the
+    // stage needs 150 s, so the first job is always killed.
     let p = Project::new();
     let pipeline = |time: u32| {
         format!(
@@ -331,7 +332,7 @@ stages:
     run: |
       n=$(cat "$PRETEXT_CHECKPOINT/n" 2>/dev/null || echo 0)
       echo "$n" >> "$PRETEXT_CHECKPOINT/starts"
-      while [ "$n" -lt 200 ]; do
+      while [ "$n" -lt 300 ]; do
         n=$((n + 1)); echo "$n" > "$PRETEXT_CHECKPOINT/n.tmp"; mv "$PRETEXT_CHECKPOINT/n.tmp" "$PRETEXT_CHECKPOINT/n"
         sleep 0.5
       done
