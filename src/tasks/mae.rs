@@ -331,6 +331,7 @@ fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         &train,
         norm,
         &params,
+        &dev,
         ctx,
         |x, epoch, step, _rng| {
             let noise = masks(p, x.dim(0)?, cfg.grid(), epoch, step);
@@ -430,6 +431,7 @@ fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         &train,
         norm,
         &net.params,
+        &dev,
         ctx,
         |x, epoch, step, rng| {
             let noise = masks(p, x.dim(0)?, grid, epoch, step);
@@ -466,10 +468,12 @@ fn train_loop(
     train: &[usize],
     norm: Normalize,
     params: &ParamStore,
+    // The device the model was built on: asking the context again would open a second CUDA
+    // device, whose tensors candle will not mix with the first one's.
+    dev: &Device,
     ctx: &mut StageCtx,
     loss_of: impl Fn(&Tensor, usize, usize, &mut Rng) -> Result<Tensor>,
 ) -> Result<History> {
-    let dev = ctx.compute_device()?;
     let mut opt = super::fit::optimizer(
         params,
         &OptimSpec {
@@ -502,7 +506,7 @@ fn train_loop(
             if ctx.cancelled() {
                 bail!("cancelled");
             }
-            let x = Tensor::from_slice(&b.x, (b.n, 1, p.img_size, p.img_size), &dev)?;
+            let x = Tensor::from_slice(&b.x, (b.n, 1, p.img_size, p.img_size), dev)?;
             let loss = loss_of(&x, epoch, step, &mut rng)?;
             let value = finite(scalar(&loss)?, epoch, step)?;
             let grads = loss.backward()?;
