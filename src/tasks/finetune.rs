@@ -5,7 +5,8 @@
 //! best on a validation split carved from train (grouped, stratified, seeded): never the test split.
 
 use super::fit::{
-    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, ImageSet, OptimSpec,
+    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, EpochLoss, ImageSet,
+    OptimSpec,
 };
 use super::net::{ModelCard, Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -387,7 +388,7 @@ impl Task for Finetune {
                     )]
                 },
             );
-            let (mut sum, mut count) = (0.0, 0usize);
+            let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
             let mut rng = Rng::stream(p.seed, epoch as u64, 0xD209);
             let mut lr = 0.0;
             for (step, b) in rx.iter().enumerate() {
@@ -404,22 +405,11 @@ impl Task for Finetune {
                 }
                 lr = sched.lr(epoch as f64 + step as f64 / steps as f64);
                 opt.step(&grads, lr)?;
-                sum += value * b.n as f64;
-                count += b.n;
-                ctx.report(
-                    (epoch * steps + step + 1) as u64,
-                    (p.epochs * steps) as u64,
-                    format!(
-                        "epoch {}/{} loss {:.4}",
-                        epoch + 1,
-                        p.epochs,
-                        sum / count as f64
-                    ),
-                );
+                epoch_loss.add(ctx, step, value, b.n);
             }
             let (vl, va, vauc, _) =
                 evaluate_split(&net, &set, &val, p.img_size, norm, classes.len())?;
-            h.train_loss.push(sum / count.max(1) as f64);
+            h.train_loss.push(epoch_loss.mean());
             h.val_loss.push(vl);
             h.val_accuracy.push(va);
             h.val_auc.push(vauc);

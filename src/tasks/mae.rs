@@ -3,7 +3,9 @@
 //! decay 0.05, base lr 1.5e-4 x batch/256, warmup then cosine per iteration). Can continue from an
 //! upstream encoder (chest MAE -> shoulder MAE).
 
-use super::fit::{finite, load_checkpoint, save_checkpoint, scalar, schedule, ImageSet, OptimSpec};
+use super::fit::{
+    finite, load_checkpoint, save_checkpoint, scalar, schedule, EpochLoss, ImageSet, OptimSpec,
+};
 use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::augment::Grey;
@@ -500,7 +502,7 @@ fn train_loop(
         };
     let steps = train.len().div_ceil(p.batch);
     for epoch in start..p.epochs {
-        let (mut sum, mut count) = (0.0, 0usize);
+        let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
         let mut rng = Rng::stream(p.seed, epoch as u64, 0xB7A1);
         for (step, b) in epoch_batches(p, set, train, norm, epoch).iter().enumerate() {
             if ctx.cancelled() {
@@ -511,20 +513,9 @@ fn train_loop(
             let value = finite(scalar(&loss)?, epoch, step)?;
             let grads = loss.backward()?;
             opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
-            sum += value * b.n as f64;
-            count += b.n;
-            ctx.report(
-                (epoch * steps + step + 1) as u64,
-                (p.epochs * steps) as u64,
-                format!(
-                    "epoch {}/{} loss {:.4}",
-                    epoch + 1,
-                    p.epochs,
-                    sum / count as f64
-                ),
-            );
+            epoch_loss.add(ctx, step, value, b.n);
         }
-        history.loss.push(sum / count.max(1) as f64);
+        history.loss.push(epoch_loss.mean());
         ctx.log(&format!(
             "epoch {} loss {:.4}",
             epoch + 1,

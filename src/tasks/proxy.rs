@@ -8,7 +8,8 @@
 //! - `contrastive`: SimCLR, two augmented views per image, NT-Xent loss with a temperature.
 
 use super::fit::{
-    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, ImageSet, OptimSpec,
+    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, EpochLoss, ImageSet,
+    OptimSpec,
 };
 use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -297,7 +298,8 @@ impl Task for Proxy {
                     }
                 },
             );
-            let (mut sum, mut count, mut correct) = (0.0, 0usize, 0usize);
+            let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
+            let mut correct = 0usize;
             let mut rng = Rng::stream(p.seed, epoch as u64, 0x9B0C);
             for (step, b) in rx.iter().enumerate() {
                 if ctx.cancelled() {
@@ -316,21 +318,11 @@ impl Task for Proxy {
                 let value = finite(scalar(&loss)?, epoch, step)?;
                 let grads = loss.backward()?;
                 opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
-                sum += value * b.n as f64;
-                count += b.n;
-                ctx.report(
-                    (epoch * steps + step + 1) as u64,
-                    (p.epochs * steps) as u64,
-                    format!(
-                        "epoch {}/{} loss {:.4}",
-                        epoch + 1,
-                        p.epochs,
-                        sum / count as f64
-                    ),
-                );
+                epoch_loss.add(ctx, step, value, b.n);
             }
-            h.loss.push(sum / count.max(1) as f64);
-            h.accuracy.push(correct as f64 / count.max(1) as f64);
+            h.loss.push(epoch_loss.mean());
+            h.accuracy
+                .push(correct as f64 / epoch_loss.images().max(1) as f64);
             ctx.log(&format!(
                 "epoch {} loss {:.4} proxy accuracy {:.3}",
                 epoch + 1,
