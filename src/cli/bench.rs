@@ -1,16 +1,12 @@
 //! `pretext bench loader`: how fast the data layer feeds training, measured beside the training
 //! step it feeds, in the same run. `pretext bench train` is in `bench_train.rs`.
 
+use super::bench_train::{measure, Shape};
 use crate::data::decode::{decode_all, OnBadImage};
 use crate::data::loader::{self, Normalize, TrainAug};
 use crate::data::source;
-use crate::nn::ops::cross_entropy;
-use crate::nn::tap::Taps;
-use crate::rng::Rng;
-use crate::tasks::fit::{optimizer, OptimSpec};
-use crate::tasks::net::{Net, NetDesc};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -106,46 +102,22 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         let loader_rate = got as f64 / start.elapsed().as_secs_f64();
 
         let patch = if size % 16 == 0 && size >= 128 { 16 } else { 8 };
-        let desc = NetDesc {
-            arch: model.clone(),
-            img_size: size,
+        let shape = Shape {
+            model: model.clone(),
+            img: size,
             patch,
-            vit_dims: Some([96, 4, 3]),
-            densenet_dims: None,
-            drop_path: 0.0,
-            num_classes: 4,
+            dim: 96,
+            depth: 4,
+            heads: 3,
+            decoder_dim: 128,
+            decoder_depth: 2,
+            decoder_heads: 4,
+            mask_ratio: 0.75,
+            batch,
         };
-        let net = Net::build(&desc, 0, &Device::Cpu)?;
-        let mut opt = optimizer(
-            &net.params,
-            &OptimSpec {
-                weight_decay: 0.05,
-                betas: (0.9, 0.999),
-                layer_decay: None,
-                only: None,
-                lars: false,
-            },
-        );
-        let x = Tensor::randn(0f32, 1.0, (batch, 1, size, size), &Device::Cpu)?;
-        let y = Tensor::new(
-            (0..batch as u32)
-                .map(|i| i % 4)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            &Device::Cpu,
-        )?;
-        let mut rng = Rng::new(0);
-        let steps = 3;
-        let mut step = || -> Result<()> {
-            let loss = cross_entropy(&net.logits(&x, Some(&mut rng), &mut Taps::none())?, &y, 0.0)?;
-            opt.step(&loss.backward()?, 1e-4)
-        };
-        step()?; // warm-up
-        let start = Instant::now();
-        for _ in 0..steps {
-            step()?;
-        }
-        let train_rate = (steps * batch) as f64 / start.elapsed().as_secs_f64();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let step = measure(&shape, 3, threads, &Device::Cpu, "cpu")?;
+        let train_rate = step.steps_per_s * batch as f64;
         rows.push(Row {
             img: size,
             loader_img_per_s: loader_rate,

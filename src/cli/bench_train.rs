@@ -26,33 +26,40 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+/// The model and batch a training step is measured on.
 #[derive(Args, Clone)]
-pub struct TrainArgs {
+pub struct Shape {
     /// mae (ViT encoder + decoder), vit (classifier), resnet (ResNet-18) or densenet (DenseNet-121).
     #[arg(long, default_value = "mae", value_parser = ["mae", "vit", "resnet", "densenet"])]
-    model: String,
+    pub model: String,
     #[arg(long, default_value_t = 64)]
-    img: usize,
+    pub img: usize,
     #[arg(long, default_value_t = 8)]
-    patch: usize,
+    pub patch: usize,
     /// ViT width (ViT-Tiny: 192).
     #[arg(long, default_value_t = 192)]
-    dim: usize,
+    pub dim: usize,
     #[arg(long, default_value_t = 12)]
-    depth: usize,
+    pub depth: usize,
     #[arg(long, default_value_t = 3)]
-    heads: usize,
+    pub heads: usize,
     /// MAE decoder width, depth and heads.
     #[arg(long, default_value_t = 128)]
-    decoder_dim: usize,
+    pub decoder_dim: usize,
     #[arg(long, default_value_t = 2)]
-    decoder_depth: usize,
+    pub decoder_depth: usize,
     #[arg(long, default_value_t = 4)]
-    decoder_heads: usize,
+    pub decoder_heads: usize,
     #[arg(long, default_value_t = 0.75)]
-    mask_ratio: f64,
+    pub mask_ratio: f64,
     #[arg(long, default_value_t = 32)]
-    batch: usize,
+    pub batch: usize,
+}
+
+#[derive(Args, Clone)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    shape: Shape,
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -114,7 +121,7 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if args.batch == 0 || args.steps == 0 || threads == 0 {
+    if args.shape.batch == 0 || args.steps == 0 || threads == 0 {
         bail!("--batch, --steps and --threads must be at least 1");
     }
     // candle's kernels and the gemm crate size their pools from this variable; nothing has
@@ -129,7 +136,7 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
-    let ours = measure(&args, threads, &dev)?;
+    let ours = measure(&args.shape, args.steps, threads, &dev, &args.device)?;
     let twin = if args.no_torch {
         None
     } else {
@@ -150,8 +157,8 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
     println!(
         "{} img {} batch {} threads {}: forward + backward + AdamW, median of {} steps",
         describe(&args),
-        args.img,
-        args.batch,
+        args.shape.img,
+        args.shape.batch,
         threads,
         args.steps
     );
@@ -186,19 +193,22 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
 }
 
 fn describe(a: &TrainArgs) -> String {
-    match a.model.as_str() {
+    match a.shape.model.as_str() {
         "mae" => format!(
             "MAE ViT {}/{}/{} (decoder {}/{}/{}), patch {}, mask {}",
-            a.dim,
-            a.depth,
-            a.heads,
-            a.decoder_dim,
-            a.decoder_depth,
-            a.decoder_heads,
-            a.patch,
-            a.mask_ratio
+            a.shape.dim,
+            a.shape.depth,
+            a.shape.heads,
+            a.shape.decoder_dim,
+            a.shape.decoder_depth,
+            a.shape.decoder_heads,
+            a.shape.patch,
+            a.shape.mask_ratio
         ),
-        "vit" => format!("ViT {}/{}/{}, patch {}", a.dim, a.depth, a.heads, a.patch),
+        "vit" => format!(
+            "ViT {}/{}/{}, patch {}",
+            a.shape.dim, a.shape.depth, a.shape.heads, a.shape.patch
+        ),
         "resnet" => "ResNet-18 (train-mode BatchNorm)".into(),
         _ => "DenseNet-121 (train-mode BatchNorm)".into(),
     }
@@ -218,7 +228,7 @@ type Gradients = (f32, Vec<(String, Vec<f32>)>);
 
 /// The model of `a` on `dev`, with parameters drawn from seed 0 and the batch `x` (made on the
 /// CPU, so that two devices see the same numbers).
-fn build(a: &TrainArgs, x: &Tensor, dev: &Device) -> Result<Bench> {
+fn build(a: &Shape, x: &Tensor, dev: &Device) -> Result<Bench> {
     let x = x.to_device(dev)?;
     let y = Tensor::new(
         (0..a.batch as u32)
@@ -260,7 +270,8 @@ fn build(a: &TrainArgs, x: &Tensor, dev: &Device) -> Result<Bench> {
         arch: match a.model.as_str() {
             "resnet" => "resnet18".into(),
             "densenet" => "densenet121".into(),
-            _ => "vit".into(),
+            // `vit`, or a model name as stages write it (`resnet50`, `vit_small`).
+            other => other.to_owned(),
         },
         img_size: a.img,
         patch: a.patch,
@@ -283,7 +294,14 @@ fn build(a: &TrainArgs, x: &Tensor, dev: &Device) -> Result<Bench> {
     })
 }
 
-fn measure(a: &TrainArgs, threads: usize, dev: &Device) -> Result<Measured> {
+/// `steps` timed training steps of `a` on `dev` (labelled `device` in the result).
+pub fn measure(
+    a: &Shape,
+    steps: usize,
+    threads: usize,
+    dev: &Device,
+    device: &str,
+) -> Result<Measured> {
     let x = Tensor::randn(0f32, 1.0, (a.batch, 1, a.img, a.img), &Device::Cpu)?;
     let bench = build(a, &x, dev)?;
     let mut opt = optimizer(
@@ -309,12 +327,10 @@ fn measure(a: &TrainArgs, threads: usize, dev: &Device) -> Result<Measured> {
     };
     step(&mut rng)?; // warm-up: first allocations, lazily built pools and kernels
     reset_peak_rss();
-    let times: Vec<Split> = (0..a.steps)
-        .map(|_| step(&mut rng))
-        .collect::<Result<_>>()?;
+    let times: Vec<Split> = (0..steps).map(|_| step(&mut rng)).collect::<Result<_>>()?;
     let peak = peak_rss_mib();
     Ok(Measured {
-        implementation: format!("candle ({})", a.device),
+        implementation: format!("candle ({device})"),
         model: a.model.clone(),
         img: a.img,
         patch: a.patch,
@@ -323,7 +339,7 @@ fn measure(a: &TrainArgs, threads: usize, dev: &Device) -> Result<Measured> {
         heads: a.heads,
         batch: a.batch,
         threads,
-        steps: a.steps,
+        steps,
         step_ms_median: median(times.iter().map(|t| t.iter().sum())),
         steps_per_s: 1e3 / median(times.iter().map(|t| t.iter().sum())),
         forward_ms: median(times.iter().map(|t| t[0])),
@@ -337,9 +353,14 @@ fn measure(a: &TrainArgs, threads: usize, dev: &Device) -> Result<Measured> {
 /// largest difference of the loss and of every parameter's gradient, relative to the gradient's
 /// largest magnitude. Prints one line per parameter over `tolerance`; returns the worst.
 fn compare_with_cpu(a: &TrainArgs, dev: &Device, tolerance: f64) -> Result<f64> {
-    let x = Tensor::randn(0f32, 1.0, (a.batch, 1, a.img, a.img), &Device::Cpu)?;
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (a.shape.batch, 1, a.shape.img, a.shape.img),
+        &Device::Cpu,
+    )?;
     let run = |d: &Device| -> Result<Gradients> {
-        let bench = build(a, &x, d)?;
+        let bench = build(&a.shape, &x, d)?;
         let loss = (bench.forward)(&mut Rng::new(7))?;
         let grads = loss.backward()?;
         let mut out = Vec::new();
@@ -419,27 +440,27 @@ fn pytorch(a: &TrainArgs, threads: usize) -> Result<Measured> {
         .arg(&script)
         .args([
             "--model",
-            &a.model,
+            &a.shape.model,
             "--img",
-            &a.img.to_string(),
+            &a.shape.img.to_string(),
             "--patch",
-            &a.patch.to_string(),
+            &a.shape.patch.to_string(),
             "--dim",
-            &a.dim.to_string(),
+            &a.shape.dim.to_string(),
             "--depth",
-            &a.depth.to_string(),
+            &a.shape.depth.to_string(),
             "--heads",
-            &a.heads.to_string(),
+            &a.shape.heads.to_string(),
             "--decoder-dim",
-            &a.decoder_dim.to_string(),
+            &a.shape.decoder_dim.to_string(),
             "--decoder-depth",
-            &a.decoder_depth.to_string(),
+            &a.shape.decoder_depth.to_string(),
             "--decoder-heads",
-            &a.decoder_heads.to_string(),
+            &a.shape.decoder_heads.to_string(),
             "--mask-ratio",
-            &a.mask_ratio.to_string(),
+            &a.shape.mask_ratio.to_string(),
             "--batch",
-            &a.batch.to_string(),
+            &a.shape.batch.to_string(),
             "--steps",
             &a.steps.to_string(),
             "--threads",
