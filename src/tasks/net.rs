@@ -469,21 +469,11 @@ mod tests {
 
         // A grey 64 px (8x8 grid) model with 4 classes loads it.
         let target = Net::build(&vit(64, 4), 2, &Device::Cpu).unwrap();
-        let head_before = target
-            .params
-            .get("head.weight")
-            .unwrap()
-            .as_tensor()
-            .copy()
-            .unwrap();
+        let param =
+            |net: &Net, name: &str| net.params.get(name).unwrap().as_tensor().copy().unwrap();
+        let head_before = param(&target, "head.weight");
         target.load_init(&file).unwrap();
-        let folded = target
-            .params
-            .get("patch_embed.proj.weight")
-            .unwrap()
-            .as_tensor()
-            .copy()
-            .unwrap();
+        let folded = param(&target, "patch_embed.proj.weight");
         let expected = (&w * 3.0).unwrap();
         let diff = (folded - expected)
             .unwrap()
@@ -495,13 +485,7 @@ mod tests {
             .unwrap();
         assert!(diff < 1e-6, "3 channels are summed into 1");
         assert_eq!(target.params.get("pos_embed").unwrap().dims(), &[1, 65, 16]);
-        let head_after = target
-            .params
-            .get("head.weight")
-            .unwrap()
-            .as_tensor()
-            .copy()
-            .unwrap();
+        let head_after = param(&target, "head.weight");
         assert_eq!(
             head_before.to_vec2::<f32>().unwrap(),
             head_after.to_vec2::<f32>().unwrap(),

@@ -370,30 +370,11 @@ fn report_renders_in_headless_chromium() {
     };
     let p = Project::new();
     tiny_data(&p, 3, 2, 8);
-    p.write("pipelines/r.yaml", r#"
-data:
-  chest: { path: data/chest }
-  shoulder: { path: data/shoulder }
-stages:
-  chest_mae:
-    kind: mae
-    inputs: { images: data.chest }
-    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, decoder_dim: 16, decoder_depth: 1, decoder_heads: 2, epochs: 2, batch: 8, recon_images: 2 }
-  ft:
-    kind: finetune
-    inputs: { data: data.shoulder, init: chest_mae.encoder }
-    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, epochs: 2, batch: 8, val_fraction: 0.3 }
-  eval:
-    kind: evaluate
-    inputs: { model: ft.model, data: data.shoulder }
-    params: { bootstrap: 20 }
-  cam:
-    kind: gradcam
-    inputs: { model: ft.model, data: data.shoulder }
-  report:
-    kind: report
-    inputs: { results: [chest_mae, ft, eval, cam] }
-"#);
+    // The fine-tune chain of TINY_FT, explained and reported.
+    let pipeline = format!(
+        "{TINY_FT}  cam:\n    kind: gradcam\n    inputs: {{ model: ft.model, data: data.shoulder }}\n  report:\n    kind: report\n    inputs: {{ results: [mae, ft, eval, cam] }}\n"
+    );
+    p.write("pipelines/r.yaml", &pipeline);
     p.run(&["run", "pipelines/r.yaml"]).ok();
     let dir = std::fs::read_dir(p.path().join("cache/report"))
         .unwrap()
