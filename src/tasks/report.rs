@@ -377,15 +377,18 @@ impl Task for Report {
     }
 }
 
-/// Per test image, a column of a gradcam stage's `maps.csv` (its first field is the quoted path).
-fn per_image(dir: &std::path::Path, column: &str) -> Result<BTreeMap<String, f64>> {
+/// A gradcam stage's `maps.csv`.
+fn maps_table(dir: &std::path::Path) -> Result<String> {
     let path = dir.join("maps.csv");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Per test image, a column of a `maps.csv` text (its first field is the quoted path).
+fn per_image(text: &str, column: &str) -> BTreeMap<String, f64> {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
     let Some(col) = header.iter().position(|h| *h == column) else {
-        return Ok(BTreeMap::new());
+        return BTreeMap::new();
     };
     let mut out = BTreeMap::new();
     for line in lines {
@@ -404,22 +407,33 @@ fn per_image(dir: &std::path::Path, column: &str) -> Result<BTreeMap<String, f64
             out.insert(image, v);
         }
     }
-    Ok(out)
+    out
 }
 
 /// Every pair of routes, per statistic: the Wilcoxon signed-rank test over the test images both
 /// routes explained, each image's value averaged over the route's seeds.
 fn paired_comparisons(routes: &[(String, Vec<&Leaf>)]) -> Result<Vec<[String; 8]>> {
+    // Each table is read once, for both statistics.
+    let tables: Vec<(&str, Vec<String>)> = routes
+        .iter()
+        .map(|(route, leaves)| {
+            let texts = leaves
+                .iter()
+                .map(|l| maps_table(&l.dir))
+                .collect::<Result<_>>()?;
+            Ok((route.as_str(), texts))
+        })
+        .collect::<Result<_>>()?;
     let mut rows = Vec::new();
     for (column, label) in [
         ("center_energy", "centre energy"),
         ("deletion_auc", "deletion AUC"),
     ] {
         let mut means: Vec<(String, BTreeMap<String, f64>)> = Vec::new();
-        for (route, leaves) in routes {
+        for (route, texts) in &tables {
             let mut sum: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-            for l in leaves {
-                for (img, v) in per_image(&l.dir, column)? {
+            for text in texts {
+                for (img, v) in per_image(text, column) {
                     let e = sum.entry(img).or_default();
                     e.0 += v;
                     e.1 += 1;
@@ -430,7 +444,7 @@ fn paired_comparisons(routes: &[(String, Vec<&Leaf>)]) -> Result<Vec<[String; 8]
                 .map(|(k, (s, n))| (k, s / n as f64))
                 .collect();
             if !m.is_empty() {
-                means.push((route.clone(), m));
+                means.push((route.to_string(), m));
             }
         }
         let mut found = Vec::new();
