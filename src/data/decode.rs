@@ -106,6 +106,21 @@ pub fn decode_grey(path: &Path, size: usize) -> Result<Vec<u8>> {
     Ok(resized.into_raw())
 }
 
+/// Width and height of the file as stored, before [`decode_grey`] stretches it to a square: what
+/// coordinates given in the original image's pixels (boxes) must be scaled by.
+pub fn dimensions(path: &Path) -> Result<(u32, u32)> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut head = Vec::with_capacity(132);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, 132), &mut head)?;
+    if super::dicom::is_dicom(&head) {
+        let (w, h, _) = super::dicom::decode(path)?;
+        return Ok((w, h));
+    }
+    image::image_dimensions(path)
+        .with_context(|| format!("cannot read the size of {}", path.display()))
+}
+
 /// The JPEG decoder fills a truncated file's missing rows with grey instead of failing, so a
 /// JPEG must end with its end-of-image marker (trailing padding allowed).
 pub fn check_complete(bytes: &[u8]) -> Result<()> {

@@ -240,38 +240,85 @@ pub fn nih(root: &Path) -> Result<Dataset> {
     })
 }
 
-/// A box from `BBox_List_2017.csv`: top-left (x, y) and size, in pixels of the 1024 x 1024 image.
+/// A labelled box on one image: top-left (x, y) and size, in pixels of the original image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FindingBox {
+    /// The image's file name (NIH's `Image Index`) or its path relative to the data folder.
     pub image: String,
+    /// The finding (a class name); empty when the file has no label column.
     pub finding: String,
     pub xywh: [f32; 4],
+    /// `file:line`, for error messages.
+    pub origin: String,
 }
 
+/// NIH ChestX-ray14's `root/BBox_List_2017.csv`.
 pub fn nih_boxes(root: &Path) -> Result<Vec<FindingBox>> {
-    let file = root.join("BBox_List_2017.csv");
-    let mut out = Vec::new();
-    for (i, line) in read(&file)?
-        .lines()
-        .enumerate()
-        .skip(1)
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let f = csv_fields(line);
-        let num = |k: usize| -> Result<f32> {
-            f.get(k)
-                .and_then(|v| v.trim().parse().ok())
-                .with_context(|| format!("{}:{}: bad box", file.display(), i + 1))
+    read_boxes(&root.join("BBox_List_2017.csv"))
+}
+
+/// Boxes from a CSV in one of two layouts: NIH's `BBox_List_2017.csv` (columns by position:
+/// `Image Index`, `Finding Label`, `Bbox [x`, `y`, `w`, `h]`; `Infiltrate` is mapped to the
+/// `Infiltration` of `Data_Entry_2017.csv`), or any CSV whose header names `path`, `x`, `y`, `w`,
+/// `h` and optionally `label`.
+pub fn read_boxes(file: &Path) -> Result<Vec<FindingBox>> {
+    let t = Table::read(file)?;
+    let nih = t.header.first().is_some_and(|h| h == "Image Index");
+    let cols: [Option<usize>; 6] = if nih {
+        [Some(0), Some(1), Some(2), Some(3), Some(4), Some(5)]
+    } else {
+        let col = |name: &str| t.header.iter().position(|h| h.eq_ignore_ascii_case(name));
+        let need = |name: &str| {
+            col(name).with_context(|| {
+                format!(
+                    "{}: a box file needs the columns path, x, y, w, h (and optionally label), or \
+                     NIH's BBox_List_2017.csv header; found: {}",
+                    t.file.display(),
+                    t.header.join(", ")
+                )
+            })
         };
-        let finding = f.get(1).map(|s| s.trim()).unwrap_or_default();
+        [
+            Some(need("path")?),
+            col("label"),
+            Some(need("x")?),
+            Some(need("y")?),
+            Some(need("w")?),
+            Some(need("h")?),
+        ]
+    };
+    let mut out = Vec::new();
+    for (line, f) in &t.rows {
+        let origin = format!("{}:{line}", t.file.display());
+        let text = |k: usize| {
+            cols[k]
+                .and_then(|c| f.get(c))
+                .map_or("", |s| s.trim())
+                .to_owned()
+        };
+        let num = |k: usize| -> Result<f32> {
+            let v = text(k);
+            v.parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite() && (k < 4 || *v > 0.0))
+                .with_context(|| {
+                    format!("{origin}: box coordinate `{v}` is not a number (width and height > 0)")
+                })
+        };
+        let image = text(0);
+        if image.is_empty() {
+            bail!("{origin}: the box names no image");
+        }
+        let finding = text(1);
         out.push(FindingBox {
-            image: f.first().map(|s| s.trim().to_owned()).unwrap_or_default(),
-            finding: if finding == "Infiltrate" {
+            image,
+            finding: if nih && finding == "Infiltrate" {
                 "Infiltration".into()
             } else {
-                finding.to_owned()
+                finding
             },
             xywh: [num(2)?, num(3)?, num(4)?, num(5)?],
+            origin,
         });
     }
     Ok(out)

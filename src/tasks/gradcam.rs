@@ -5,20 +5,30 @@
 //! Adebayo et al.: maps that do not change are not explaining the model). Deletion and insertion
 //! AUC (Petsiuk et al.) measure whether a map ranks first the pixels the trained model needs; the
 //! random-weights maps, used the same way on the trained model, give the reference values.
+//!
+//! Given a `boxes` input (NIH's `BBox_List_2017.csv`, or a CSV of `path,label,x,y,w,h` in the
+//! original image's pixels), every box on a test image is scored against the map of its finding
+//! (or of the image's target class when the box has no label): the pointing game (is the map's
+//! maximum inside the box?), the IoU of the map thresholded at `iou_threshold` with the box, and
+//! the share of the map's energy inside the box; the random-weights maps give the chance level.
+//! Per box in `boxes.csv` (written only with a `boxes` input), summarised in the metrics.
 
 use super::fit::ImageSet;
 use super::net::{ModelCard, Net};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::augment::Grey;
 use crate::data::decode::OnBadImage;
+use crate::data::formats::FindingBox;
 use crate::data::loader::Normalize;
 use crate::data::source::Split;
 use crate::nn::gradcam::{grad_cam, CamMethod};
 use crate::nn::tap::Taps;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 pub struct GradCamTask;
@@ -44,7 +54,8 @@ pub enum Target {
 pub struct Params {
     #[serde(default = "d_method")]
     pub method: Method,
-    /// Tap name of the explained layer; default: the last block's norm1 (ViT), layer4 (ResNet),
+    /// Tap name of the explained layer; default: the last block's norm1 (ViT), layer4 (ResNet;
+    /// layer3 when the image is 32 px or smaller and layer4's map would be one cell),
     /// features.norm5 (DenseNet).
     #[serde(default)]
     pub layer: Option<String>,
@@ -63,10 +74,24 @@ pub struct Params {
     /// passes per batch of test images).
     #[serde(default = "d_deletion_steps")]
     pub deletion_steps: usize,
+    /// Maps are scaled to [0, 1] per image; pixels at or above this value form the region whose
+    /// IoU with each box is reported (with a `boxes` input). Default 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iou_threshold: Option<f64>,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
     pub on_bad_image: OnBadImage,
+}
+
+impl Params {
+    fn iou_threshold(&self) -> Result<f64> {
+        let t = self.iou_threshold.unwrap_or(0.5);
+        if !(t > 0.0 && t <= 1.0) {
+            bail!("iou_threshold {t} is outside (0, 1]: maps are scaled to [0, 1] per image");
+        }
+        Ok(t)
+    }
 }
 
 fn d_method() -> Method {
@@ -120,6 +145,144 @@ pub fn map_stats(map: &[f32], size: usize, center_fraction: f64) -> MapStats {
         com_distance: ((mx - c).powi(2) + (my - c).powi(2)).sqrt() / (c * std::f64::consts::SQRT_2),
         entropy: entropy / ((size * size) as f64).ln(),
     }
+}
+
+/// How one map agrees with one box.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BoxStats {
+    /// The pointing game (Zhang et al., 2016): the map's maximum lies inside the box.
+    pub hit: bool,
+    pub iou: f64,
+    /// Share of the map's total inside the box.
+    pub energy: f64,
+}
+
+/// `bx` is [x, y, w, h] in map pixels; a pixel is inside when its centre is (or, for a box that
+/// contains no pixel centre, when it holds the box's centre).
+pub fn box_stats(map: &[f32], size: usize, bx: [f64; 4], iou_threshold: f64) -> BoxStats {
+    let [x0, y0, w, h] = bx;
+    let centre_in = |x: usize, y: usize| {
+        let (cx, cy) = (x as f64 + 0.5, y as f64 + 0.5);
+        cx >= x0 && cx < x0 + w && cy >= y0 && cy < y0 + h
+    };
+    let any_centre = (0..size * size).any(|k| centre_in(k % size, k / size));
+    let (mx, my) = (x0 + w / 2.0, y0 + h / 2.0);
+    let inside = |k: usize| {
+        let (x, y) = (k % size, k / size);
+        if any_centre {
+            centre_in(x, y)
+        } else {
+            x == (mx.max(0.0) as usize).min(size - 1) && y == (my.max(0.0) as usize).min(size - 1)
+        }
+    };
+    // A map with no positive value points nowhere.
+    let peak = (0..map.len()).fold(0, |best, k| if map[k] > map[best] { k } else { best });
+    let points = map.get(peak).is_some_and(|&v| v > 0.0);
+    let (mut inter, mut union, mut in_box, mut total) = (0usize, 0usize, 0.0f64, 0.0f64);
+    for (k, &v) in map.iter().enumerate() {
+        let (on, inb) = (v as f64 >= iou_threshold, inside(k));
+        inter += (on && inb) as usize;
+        union += (on || inb) as usize;
+        total += v as f64;
+        if inb {
+            in_box += v as f64;
+        }
+    }
+    BoxStats {
+        hit: points && inside(peak),
+        iou: if union == 0 {
+            0.0
+        } else {
+            inter as f64 / union as f64
+        },
+        energy: if total > 0.0 { in_box / total } else { 0.0 },
+    }
+}
+
+/// A box on one test image, in map pixels, with the class whose map it is scored against
+/// (`None`: the image's target class).
+struct PlacedBox {
+    finding: String,
+    class: Option<usize>,
+    xywh: [f64; 4],
+}
+
+/// The boxes of `file` on the test images, by position in `test`; boxes on other images are
+/// counted, not used (NIH's list also covers images outside a chosen test split).
+fn place_boxes(
+    file: &std::path::Path,
+    set: &ImageSet,
+    test: &[usize],
+    classes: &[String],
+    size: usize,
+) -> Result<(HashMap<usize, Vec<PlacedBox>>, usize)> {
+    let boxes = crate::data::formats::read_boxes(file)?;
+    let root = &set.dataset.root;
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (pos, &i) in test.iter().enumerate() {
+        let path = &set.dataset.samples[set.sample_of[i]].path;
+        if let Some(name) = path.file_name() {
+            by_name.insert(name.to_string_lossy().into_owned(), pos);
+        }
+        if let Ok(rel) = path.strip_prefix(root) {
+            by_name.insert(rel.to_string_lossy().into_owned(), pos);
+        }
+    }
+    let (mut placed, mut unmatched) = (HashMap::<usize, Vec<PlacedBox>>::new(), 0);
+    let mut dims = HashMap::new();
+    for b in boxes {
+        let Some(&pos) = by_name.get(&b.image) else {
+            unmatched += 1;
+            continue;
+        };
+        let class = class_of(&b, classes)?;
+        let path = &set.dataset.samples[set.sample_of[test[pos]]].path;
+        let (w, h) = match dims.entry(pos) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(e) => *e.insert(crate::data::decode::dimensions(path)?),
+        };
+        let (sx, sy) = (size as f64 / w as f64, size as f64 / h as f64);
+        let [x, y, bw, bh] = b.xywh.map(|v| v as f64);
+        placed.entry(pos).or_default().push(PlacedBox {
+            finding: b.finding,
+            class,
+            xywh: [x * sx, y * sy, bw * sx, bh * sy],
+        });
+    }
+    Ok((placed, unmatched))
+}
+
+fn class_of(b: &FindingBox, classes: &[String]) -> Result<Option<usize>> {
+    if b.finding.is_empty() {
+        return Ok(None);
+    }
+    match classes
+        .iter()
+        .position(|c| c.eq_ignore_ascii_case(&b.finding))
+    {
+        Some(c) => Ok(Some(c)),
+        None => bail!(
+            "{}: the box's finding `{}` is not a class of the model ({}); leave the label empty \
+             to score the box against each image's target class",
+            b.origin,
+            b.finding,
+            classes.join(", ")
+        ),
+    }
+}
+
+fn box_summary(v: &[BoxStats]) -> Value {
+    let n = v.len().max(1) as f64;
+    let mean_std = |f: &dyn Fn(&BoxStats) -> f64| {
+        let m = v.iter().map(f).sum::<f64>() / n;
+        let sd = (v.iter().map(|s| (f(s) - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+        json!({ "mean": m, "std": sd })
+    };
+    json!({
+        "pointing_game": v.iter().filter(|s| s.hit).count() as f64 / n,
+        "iou": mean_std(&|s| s.iou),
+        "energy_in_box": mean_std(&|s| s.energy),
+    })
 }
 
 /// Deletion and insertion AUC of each image's map (Petsiuk et al., RISE, 2018): the probability
@@ -237,7 +400,14 @@ impl Task for GradCamTask {
     type Params = Params;
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
-        Some(super::net::model_and_data_inputs())
+        let mut slots = super::net::model_and_data_inputs();
+        slots.push(InputSlot {
+            name: "boxes",
+            required: false,
+            many: false,
+            doc: "boxes on test images for the pointing game and IoU: NIH's BBox_List_2017.csv, or a CSV of path,label,x,y,w,h in the original image's pixels",
+        });
+        Some(slots)
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {
@@ -271,7 +441,7 @@ impl Task for GradCamTask {
         let test = set
             .require(Split::Test, "add rows with split=test to labels.csv")?
             .to_vec();
-        let layer = p.layer.clone().unwrap_or_else(|| net.cam_layer());
+        let layer = p.layer.clone().unwrap_or_else(|| net.cam_layer(size));
         let method = match p.method {
             Method::Gradcam => CamMethod::GradCam,
             Method::GradcamPlusPlus => CamMethod::GradCamPlusPlus,
@@ -283,6 +453,21 @@ impl Task for GradCamTask {
         };
         let (mut stats, mut base_stats, mut shown) = (Vec::new(), Vec::new(), Vec::new());
         let (mut faith, mut base_faith) = (Vec::new(), Vec::new());
+        let iou_threshold = p.iou_threshold()?;
+        let (boxes, unmatched) = match inputs.optional_path("boxes") {
+            Some(file) => {
+                let (placed, unmatched) = place_boxes(file, &set, &test, &card.classes, size)?;
+                ctx.log(&format!(
+                    "{} boxes on {} test images ({unmatched} boxes name images outside the test split)",
+                    placed.values().map(Vec::len).sum::<usize>(),
+                    placed.len()
+                ));
+                (Some(placed), unmatched)
+            }
+            None => (None, 0),
+        };
+        let (mut box_stats_model, mut box_stats_base) = (Vec::new(), Vec::new());
+        let mut box_csv = String::from("path,finding,explained_class,x,y,w,h,hit,iou,energy_in_box,random_hit,random_iou,random_energy_in_box\n");
         let mut csv = String::from("path,label,prediction,target,center_energy,com_distance,entropy,random_center_energy,random_com_distance,random_entropy,deletion_auc,insertion_auc,random_deletion_auc,random_insertion_auc\n");
         for (chunk_no, chunk) in test.chunks(16).enumerate() {
             let x: Vec<f32> = chunk
@@ -326,6 +511,26 @@ impl Task for GradCamTask {
                 Some(b) => curves(b)?,
                 None => vec![None; chunk.len()],
             };
+            // Boxes of a finding other than the image's target need that class's maps.
+            let mut box_maps: BTreeMap<usize, (Vec<Vec<f32>>, Option<Vec<Vec<f32>>>)> =
+                BTreeMap::new();
+            if let Some(boxes) = &boxes {
+                for (j, pos) in (chunk_no * 16..).take(chunk.len()).enumerate() {
+                    for b in boxes.get(&pos).into_iter().flatten() {
+                        let c = b.class.unwrap_or(targets[j]);
+                        if c == targets[j] || box_maps.contains_key(&c) {
+                            continue;
+                        }
+                        let all = vec![vec![c]; chunk.len()];
+                        let m = maps_for(&net, &layer, &x, &all, size, method)?.0;
+                        let r = match p.random_baseline {
+                            true => Some(maps_for(&random, &layer, &x, &all, size, method)?.0),
+                            false => None,
+                        };
+                        box_maps.insert(c, (m, r));
+                    }
+                }
+            }
             let auc_text =
                 |f: Option<[f64; 2]>, k: usize| f.map_or(String::new(), |f| format!("{:.5}", f[k]));
             for (j, &i) in chunk.iter().enumerate() {
@@ -355,6 +560,31 @@ impl Task for GradCamTask {
                     auc_text(f_base[j], 0),
                     auc_text(f_base[j], 1),
                 )?;
+                let placed = boxes.as_ref().and_then(|bx| bx.get(&(chunk_no * 16 + j)));
+                for pb in placed.into_iter().flatten() {
+                    let c = pb.class.unwrap_or(targets[j]);
+                    let (m, r) = match box_maps.get(&c) {
+                        Some((m, r)) => (&m[j], r.as_ref().map(|r| &r[j])),
+                        None => (&maps[j], baseline.as_ref().map(|r| &r[j])),
+                    };
+                    let bs = box_stats(m, size, pb.xywh, iou_threshold);
+                    let rs = r.map(|r| box_stats(r, size, pb.xywh, iou_threshold));
+                    let [bx, by, bw, bh] = pb.xywh;
+                    writeln!(
+                        box_csv,
+                        "\"{path}\",\"{}\",{},{bx:.2},{by:.2},{bw:.2},{bh:.2},{},{:.5},{:.5},{},{},{}",
+                        pb.finding,
+                        cls(c),
+                        bs.hit as u8,
+                        bs.iou,
+                        bs.energy,
+                        rs.map_or(String::new(), |r| (r.hit as u8).to_string()),
+                        rs.map_or(String::new(), |r| format!("{:.5}", r.iou)),
+                        rs.map_or(String::new(), |r| format!("{:.5}", r.energy)),
+                    )?;
+                    box_stats_model.push(bs);
+                    box_stats_base.extend(rs);
+                }
                 stats.push(s);
                 base_stats.extend(b);
                 faith.extend(f_model[j]);
@@ -370,6 +600,9 @@ impl Task for GradCamTask {
             );
         }
         std::fs::write(ctx.out_dir.join("maps.csv"), csv)?;
+        if boxes.is_some() {
+            std::fs::write(ctx.out_dir.join("boxes.csv"), box_csv)?;
+        }
         write_overlays(&set, &shown, size, &ctx.out_dir.join("overlays.png"))?;
         Ok(json!({
             "layer": layer, "method": p.method, "target": p.target, "images": stats.len(), "center_fraction": p.center_fraction,
@@ -378,6 +611,14 @@ impl Task for GradCamTask {
                 "model": faithfulness_summary(&faith),
                 "random_baseline": if base_faith.is_empty() { Value::Null } else { faithfulness_summary(&base_faith) },
             }) },
+            "boxes": match boxes {
+                None => Value::Null,
+                Some(placed) => json!({
+                    "boxes": box_stats_model.len(), "images": placed.len(), "outside_test_split": unmatched,
+                    "iou_threshold": iou_threshold, "model": box_summary(&box_stats_model),
+                    "random_baseline": if box_stats_base.is_empty() { Value::Null } else { box_summary(&box_stats_base) },
+                }),
+            },
         }))
     }
 }
@@ -435,5 +676,83 @@ mod tests {
         assert!(
             (uniform.entropy - 1.0).abs() < 1e-9 && (uniform.center_energy - 0.25).abs() < 1e-9
         );
+    }
+
+    #[test]
+    fn boxes_score_the_peak_the_overlap_and_the_energy() {
+        let n = 8;
+        // A map that is 1 on the 2x2 block at (4..6, 4..6), 0.25 elsewhere, its peak at (5, 5).
+        let mut map = vec![0.25f32; n * n];
+        for y in 4..6 {
+            for x in 4..6 {
+                map[y * n + x] = if (x, y) == (5, 5) { 1.0 } else { 0.9 };
+            }
+        }
+        let on_block = box_stats(&map, n, [4.0, 4.0, 2.0, 2.0], 0.5);
+        assert!(on_block.hit);
+        assert!((on_block.iou - 1.0).abs() < 1e-12, "{on_block:?}");
+        let total = 3.7 + 60.0 * 0.25;
+        assert!((on_block.energy - 3.7 / total).abs() < 1e-6, "{on_block:?}");
+        // A box on the left half: misses the peak, overlaps no thresholded pixel.
+        let left = box_stats(&map, n, [0.0, 0.0, 4.0, 8.0], 0.5);
+        assert!(!left.hit && left.iou == 0.0);
+        assert!((left.energy - 32.0 * 0.25 / total).abs() < 1e-6);
+        // A box smaller than a pixel still owns the pixel holding its centre.
+        let tiny = box_stats(&map, n, [5.1, 5.2, 0.3, 0.3], 0.5);
+        assert!(tiny.hit && (tiny.iou - 0.25).abs() < 1e-12, "{tiny:?}");
+        // The whole image: every box holds the peak and all the energy.
+        let all = box_stats(&map, n, [0.0, 0.0, 8.0, 8.0], 0.5);
+        assert!(all.hit && (all.energy - 1.0).abs() < 1e-9 && (all.iou - 4.0 / 64.0).abs() < 1e-12);
+        // An all-zero map (a one-cell layer after min-max scaling) points at nothing.
+        let zero = box_stats(&vec![0.0; n * n], n, [0.0, 0.0, 8.0, 8.0], 0.5);
+        assert!(!zero.hit && zero.energy == 0.0 && zero.iou == 0.0);
+    }
+
+    #[test]
+    fn box_files_are_read_in_either_layout_and_bad_rows_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let generic = dir.path().join("boxes.csv");
+        std::fs::write(
+            &generic,
+            "path,label,x,y,w,h\na.jpg,Zimmer,1,2,3,4\nb.jpg,,0,0,5,5\n",
+        )
+        .unwrap();
+        let boxes = crate::data::formats::read_boxes(&generic).unwrap();
+        assert_eq!(boxes.len(), 2);
+        assert_eq!(boxes[0].xywh, [1.0, 2.0, 3.0, 4.0]);
+        let classes = ["depuy".to_string(), "zimmer".to_string()];
+        assert_eq!(
+            class_of(&boxes[0], &classes).unwrap(),
+            Some(1),
+            "case-insensitive"
+        );
+        assert_eq!(
+            class_of(&boxes[1], &classes).unwrap(),
+            None,
+            "no label: target class"
+        );
+        let mut other = boxes[0].clone();
+        other.finding = "Atelectasis".into();
+        let e = format!("{:#}", class_of(&other, &classes).unwrap_err());
+        assert!(
+            e.contains("boxes.csv:2") && e.contains("depuy, zimmer"),
+            "{e}"
+        );
+
+        std::fs::write(&generic, "path,x,y,w,h\na.jpg,1,2,0,4\n").unwrap();
+        let e = format!(
+            "{:#}",
+            crate::data::formats::read_boxes(&generic).unwrap_err()
+        );
+        assert!(
+            e.contains("boxes.csv:2") && e.contains("`0`"),
+            "a zero width is named: {e}"
+        );
+        std::fs::write(&generic, "image,x,y\na.jpg,1,2\n").unwrap();
+        let e = format!(
+            "{:#}",
+            crate::data::formats::read_boxes(&generic).unwrap_err()
+        );
+        assert!(e.contains("path, x, y, w, h"), "{e}");
     }
 }

@@ -264,10 +264,19 @@ impl Net {
 
     /// The layer Grad-CAM explains by default: the last block's norm1 (ViT, as in the reference
     /// recipe), the last residual stage (ResNet), norm5 (DenseNet).
-    pub fn cam_layer(&self) -> String {
+    /// The layer Grad-CAM explains by default. For a ResNet, `layer4` unless the image is so small
+    /// that its map is one cell (a constant map, which min-max scaling turns into zeros): then the
+    /// deepest stage whose map has at least 2 x 2 cells (`layer3` at 32 px).
+    pub fn cam_layer(&self, img_size: usize) -> String {
         match &self.arch {
             Arch::Vit(v) => format!("blocks.{}.norm1", v.depth() - 1),
-            Arch::ResNet(_) => "layer4".into(),
+            Arch::ResNet(_) => {
+                let stage = (1..=4)
+                    .rev()
+                    .find(|&k| img_size.div_ceil(2 << k) >= 2)
+                    .unwrap_or(1);
+                format!("layer{stage}")
+            }
             Arch::DenseNet(_) => "features.norm5".into(),
         }
     }

@@ -323,6 +323,60 @@ impl Task for Report {
             md.push_str("\nEach image's value is averaged over a route's seeds; the test pairs the same test images across two routes (Wilcoxon signed-rank, normal approximation, ties averaged). Holm adjusts for the number of comparisons of each statistic.\n");
         }
 
+        // Localisation, where some gradcam stage was given boxes.
+        let mut box_rows = String::new();
+        for ((kind, route), ls) in &groups {
+            let with_boxes: Vec<&Leaf> = ls
+                .iter()
+                .copied()
+                .filter(|l| kind == "gradcam" && l.metrics["boxes"].is_object())
+                .collect();
+            if with_boxes.is_empty() {
+                continue;
+            }
+            let g = |path: &[&str]| -> String {
+                let v: Vec<f64> = with_boxes
+                    .iter()
+                    .filter_map(|l| {
+                        path.iter()
+                            .fold(Some(&l.metrics["boxes"]), |v, k| v.and_then(|v| v.get(*k)))
+                            .and_then(Value::as_f64)
+                    })
+                    .collect();
+                fmt_ms(&v)
+            };
+            let pair = |model: &[&str], base: &[&str]| format!("{} ({})", g(model), g(base));
+            let row = [
+                route.clone(),
+                with_boxes[0].metrics["boxes"]["boxes"].to_string(),
+                pair(
+                    &["model", "pointing_game"],
+                    &["random_baseline", "pointing_game"],
+                ),
+                pair(
+                    &["model", "iou", "mean"],
+                    &["random_baseline", "iou", "mean"],
+                ),
+                pair(
+                    &["model", "energy_in_box", "mean"],
+                    &["random_baseline", "energy_in_box", "mean"],
+                ),
+            ];
+            if box_rows.is_empty() {
+                md.push_str("\n## Do the maps find the boxes?\n\n| route | boxes | pointing game (random-weights maps) | IoU (random-weights maps) | energy in box (random-weights maps) |\n|---|---|---|---|---|\n");
+            }
+            writeln!(md, "| {} |", row.join(" | "))?;
+            box_rows.push_str(&format!(
+                "<tr>{}</tr>\n",
+                row.iter()
+                    .map(|c| format!("<td>{}</td>", html_escape(c)))
+                    .collect::<String>()
+            ));
+        }
+        if !box_rows.is_empty() {
+            md.push_str("\nPointing game: share of boxes that hold the map's maximum. IoU: the map thresholded at `iou_threshold` (0.5 of its maximum by default) against the box. Energy in box: share of the map inside it.\n");
+        }
+
         // Curves and pictures, per stage.
         let mut figures = String::new();
         let curves = |kind: &str, key: &str| -> Vec<(String, Vec<f64>)> {
@@ -360,8 +414,9 @@ impl Task for Report {
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>body{{font-family:sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}figure{{display:inline-block;margin:8px;vertical-align:top}}</style></head><body>\
 <h1>{t}</h1><h2>Test results</h2><table><tr><th>route</th><th>seeds</th><th>test accuracy</th><th>95% CI</th><th>macro-F1</th><th>mean AUC</th><th>95% CI</th><th>kappa</th><th>majority class</th></tr>\n{html_rows}</table>\
 <h2>Where the models look (Grad-CAM)</h2><table><tr><th>route</th><th>images</th><th>centre energy</th><th>centre-of-mass distance</th><th>entropy</th><th>random-weights centre energy</th><th>deletion AUC (random-weights maps)</th><th>insertion AUC (random-weights maps)</th></tr>\n{cam_rows}</table>\
-<p>Centre energy: share of the map inside the central square of half the image side (uniform = 0.25). Spreads are standard deviations over seeds.</p>{paired_html}<h2>Curves</h2>{figures}<h2>Pictures</h2>{gallery}</body></html>",
+<p>Centre energy: share of the map inside the central square of half the image side (uniform = 0.25). Spreads are standard deviations over seeds.</p>{paired_html}{box_html}<h2>Curves</h2>{figures}<h2>Pictures</h2>{gallery}</body></html>",
             t = html_escape(&p.title),
+            box_html = if box_rows.is_empty() { String::new() } else { format!("<h2>Do the maps find the boxes?</h2><table><tr><th>route</th><th>boxes</th><th>pointing game (random-weights maps)</th><th>IoU (random-weights maps)</th><th>energy in box (random-weights maps)</th></tr>\n{box_rows}</table>") },
             paired_html = if paired_rows.is_empty() { String::new() } else { format!("<h2>Paired comparison per test image (Wilcoxon signed-rank)</h2><table><tr><th>statistic</th><th>route A</th><th>route B</th><th>images</th><th>median A - B</th><th>z</th><th>p</th><th>p (Holm)</th></tr>\n{paired_rows}</table>") },
         );
         std::fs::write(ctx.out_dir.join("index.html"), html)?;

@@ -77,6 +77,7 @@ matrix:
 data:
   chest: { path: data/chest }
   shoulder: { path: data/shoulder }
+  boxes: { path: data/boxes.csv }
 stages:
   chest_mae:
     kind: mae
@@ -116,7 +117,7 @@ stages:
     params: { bootstrap: 50 }
   cam:
     kind: gradcam
-    inputs: { model: ft.model, data: data.shoulder }
+    inputs: { model: ft.model, data: data.shoulder, boxes: data.boxes }
     params: { overlays: 2 }
   report:
     kind: report
@@ -131,10 +132,37 @@ fn entry_metrics(p: &Project, stage: &str) -> serde_json::Value {
     v
 }
 
+/// Boxes in original-image pixels: the whole of the first test image (no label: its target
+/// class), the left half of the second for class `zimmer`, and one on a training image.
+fn boxes_on_test_images(p: &Project) -> String {
+    let labels = std::fs::read_to_string(p.path().join("data/shoulder/labels.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = labels
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let test: Vec<&str> = rows
+        .iter()
+        .filter(|r| r[2] == "test")
+        .map(|r| r[0])
+        .collect();
+    let train = rows.iter().find(|r| r[2] == "train").unwrap()[0];
+    let size =
+        |rel: &str| image::image_dimensions(p.path().join("data/shoulder").join(rel)).unwrap();
+    let ((w0, h0), (w1, h1)) = (size(test[0]), size(test[1]));
+    format!(
+        "path,label,x,y,w,h\n{},,0,0,{w0},{h0}\n{},zimmer,0,0,{},{h1}\n{train},,10,10,20,20\n",
+        test[0],
+        test[1],
+        w1 / 2
+    )
+}
+
 #[test]
 fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
     let p = Project::new();
     tiny_data(&p, 6, 3, 16);
+    p.write("data/boxes.csv", &boxes_on_test_images(&p));
     p.write("pipelines/tiny.yaml", TINY);
     let r = p.run(&["run", "pipelines/tiny.yaml", "--jobs", "2"]);
     r.ok();
@@ -168,6 +196,7 @@ fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
         "the CNN encoder is exported without its pixel head"
     );
 
+    let mut non_empty_whole_box = false;
     for backbone in ["vit", "resnet18"] {
         let ev = entry_metrics(&p, &format!("eval@{backbone}"));
         let m = &ev["manifest"]["metrics"];
@@ -183,7 +212,10 @@ fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
         let ce = cam["manifest"]["metrics"]["model"]["center_energy"]["mean"]
             .as_f64()
             .unwrap();
-        assert!((0.0..=1.0).contains(&ce));
+        assert!(
+            ce > 0.0 && ce <= 1.0,
+            "{backbone}: centre energy {ce} (all-zero maps?)"
+        );
         let faith = &cam["manifest"]["metrics"]["faithfulness"];
         for who in ["model", "random_baseline"] {
             for curve in ["deletion_auc", "insertion_auc"] {
@@ -193,6 +225,36 @@ fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
         }
         image::open(Path::new(cam["dir"].as_str().unwrap()).join("overlays.png"))
             .expect("overlay PNG decodes");
+        let boxes = &cam["manifest"]["metrics"]["boxes"];
+        assert_eq!(boxes["boxes"], 2, "{boxes}");
+        assert_eq!(boxes["outside_test_split"], 1, "{boxes}");
+        for who in ["model", "random_baseline"] {
+            let pg = boxes[who]["pointing_game"].as_f64().unwrap();
+            let iou = boxes[who]["iou"]["mean"].as_f64().unwrap();
+            assert!(
+                (0.0..=1.0).contains(&pg) && (0.0..=1.0).contains(&iou),
+                "{boxes}"
+            );
+        }
+        let cam_dir = Path::new(cam["dir"].as_str().unwrap());
+        let rows = std::fs::read_to_string(cam_dir.join("boxes.csv")).unwrap();
+        let whole: Vec<&str> = rows.lines().nth(1).unwrap().split(',').collect();
+        // The first box is the whole first image: it holds the map's peak and all its energy,
+        // unless the class has no positive evidence anywhere (an all-zero map points nowhere).
+        let maps = std::fs::read_to_string(cam_dir.join("maps.csv")).unwrap();
+        let first: Vec<&str> = maps.lines().nth(1).unwrap().split(',').collect();
+        assert_eq!(
+            first[0], whole[0],
+            "maps.csv and boxes.csv list the same first image"
+        );
+        let empty_map = first[4] == "0.00000" && first[6] == "0.00000";
+        let expect = if empty_map {
+            ("0", "0.00000")
+        } else {
+            ("1", "1.00000")
+        };
+        assert_eq!((whole[7], whole[9]), expect, "{backbone}: {rows}\n{maps}");
+        non_empty_whole_box |= !empty_map;
         let ft = entry_metrics(&p, &format!("ft@{backbone}"));
         assert!(ft["manifest"]["metrics"]["train_loss"][0]
             .as_f64()
@@ -202,11 +264,19 @@ fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
             .join("model/model.json")
             .is_file());
     }
+    assert!(
+        non_empty_whole_box,
+        "no backbone explained the first test image"
+    );
     let report = entry_metrics(&p, "report");
     let md = std::fs::read_to_string(Path::new(report["dir"].as_str().unwrap()).join("results.md"))
         .unwrap();
     assert!(
         md.contains("| eval@vit |") && md.contains("| eval@resnet18 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("## Do the maps find the boxes?") && md.contains("| cam@vit | 2 | "),
         "{md}"
     );
     // The two backbones explained the same 12 test images: one paired test per statistic.
