@@ -67,7 +67,7 @@ enum Command {
     Kinds,
     /// Look at data folders before training on them.
     Data(data::DataArgs),
-    /// Measure the data loader beside the training step it feeds.
+    /// Measure training steps (beside PyTorch) and the data loader.
     Bench(bench::BenchArgs),
     /// Run one stage frozen into a job file (what a Slurm job of `run --executor slurm` runs).
     #[command(hide = true)]

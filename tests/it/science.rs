@@ -486,3 +486,84 @@ fn which(cmd: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// `pretext` in the repository root against an empty cache: the shipped pipelines as users run them.
+fn in_repo(cache: &Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pretext"))
+        .args(args)
+        .args(["--cache", cache.to_str().unwrap(), "--json"])
+        .current_dir(repo())
+        .env_remove("PRETEXT_CACHE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pretext {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn shipped_pipelines_plan_and_the_matrix_has_every_route_for_both_backbones() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut files = vec!["pipelines/chest_mae_proxy_shoulder.yaml".to_string()];
+    for dir in ["pipelines", "pipelines/routes"] {
+        for e in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            // The ImageNet route needs weights that cannot ship (docs/pipelines.md).
+            if name.ends_with(".yaml") && !name.contains("imagenet") {
+                files.push(format!("{dir}/{name}"));
+            }
+        }
+    }
+    for file in &files {
+        for profile in [None, Some("smoke"), Some("full")] {
+            let mut args = vec!["status", file.as_str()];
+            args.extend(profile.iter().flat_map(|p| ["--profile", p]));
+            let v = in_repo(cache.path(), &args);
+            assert!(!v.as_array().unwrap().is_empty(), "{file} {profile:?}");
+        }
+    }
+
+    let stages = in_repo(cache.path(), &["status", "pipelines/matrix.yaml"]);
+    let mut grid: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for s in stages.as_array().unwrap() {
+        let name = s["stage"].as_str().unwrap();
+        if s["kind"] != "finetune" {
+            continue;
+        }
+        let shown = in_repo(
+            cache.path(),
+            &["show", name, "--pipeline", "pipelines/matrix.yaml"],
+        );
+        let route = name
+            .trim_start_matches("ft_")
+            .split('@')
+            .next()
+            .unwrap()
+            .trim_end_matches("_cnn")
+            .to_string();
+        let model = shown["params"]["model"].as_str().unwrap().to_string();
+        *grid.entry((route, model)).or_default() += 1;
+    }
+    let routes = [
+        "scratch",
+        "chest_mae",
+        "chest_mae_chest_proxy",
+        "chest_mae_shoulder_proxy",
+        "chest_mae_shoulder_mae_center",
+        "chest_mae_shoulder_mae_random",
+        "shoulder_proxy",
+    ];
+    for route in routes {
+        for model in ["vit", "resnet18"] {
+            assert_eq!(
+                grid.get(&(route.to_string(), model.to_string())),
+                Some(&3),
+                "{route} x {model} x 3 seeds: {grid:?}"
+            );
+        }
+    }
+    assert_eq!(grid.len(), routes.len() * 2, "{grid:?}");
+}
