@@ -191,6 +191,24 @@ mod tests {
     use crate::nn::agree::{assert_close, pull};
     use candle_core::{Device, Var};
 
+    #[test]
+    fn vectorisable_exp_matches_exp_to_f32_precision() {
+        let mut worst = 0f64;
+        for i in 0..=1_750_000 {
+            let x = -87.0 + i as f32 * 1e-4;
+            let want = (x as f64).exp();
+            let rel = ((crate::nn::fused::exp_f32(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 1.5e-7, "worst relative error {worst:e}");
+        assert_eq!(crate::nn::fused::exp_f32(0.0), 1.0);
+        assert!(
+            crate::nn::fused::exp_f32(-1e4) < 1e-37,
+            "clamped, not wrapped"
+        );
+        assert!(crate::nn::fused::exp_f32(f32::NAN).is_nan());
+    }
+
     fn numeric_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &[f32], shape: &[usize]) -> Vec<f32> {
         let h = 1e-3f32;
         (0..x.len())
