@@ -211,6 +211,7 @@ pub fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     keep_freed_memory();
+    quiet_elementwise_pool();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -267,6 +268,19 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// candle runs large elementwise ops on its own pool, beside rayon's, and each of its workers
+/// spins for up to 25,000 iterations after every op: on 2 cores that worker took 20-25% of the
+/// CPU samples of an MAE-64 step away from the GEMM threads. Without workers (one thread: the
+/// caller) an MAE-64 step was 10-20% faster and a ViT-224 step no slower in three paired runs
+/// (BENCHMARKS.md). Only on small machines, where the pools contend for the same cores, and only
+/// when the user has not chosen. Called before any thread starts.
+fn quiet_elementwise_pool() {
+    let small = std::thread::available_parallelism().is_ok_and(|n| n.get() <= 4);
+    if small && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
 
