@@ -689,6 +689,79 @@ impl CustomOp3 for LinearLast {
     }
 }
 
+/// GELU(x w^T + b): the linear layer with the activation applied in place on its output, one
+/// graph node instead of two (the MLP's widest tensor then gets one zeroed gradient and one add
+/// in candle's backward, not two of each). When a gradient is wanted, the pre-activation is kept
+/// for the backward, as the separate GELU node kept its input.
+pub struct LinearGelu {
+    pre: std::sync::Mutex<Option<Vec<f32>>>,
+    keep: bool,
+}
+
+impl LinearGelu {
+    pub fn new(keep_pre_activation: bool) -> LinearGelu {
+        LinearGelu {
+            pre: std::sync::Mutex::new(None),
+            keep: keep_pre_activation,
+        }
+    }
+}
+
+impl CustomOp3 for LinearGelu {
+    fn name(&self) -> &'static str {
+        "pretext-linear-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (pre, shape) = LinearLast.cpu_fwd(xs, xl, ws, wl, bs, bl)?;
+        let CpuStorage::F32(pre) = pre else {
+            candle_core::bail!(
+                "{}: the linear layer returned a non-f32 tensor",
+                self.name()
+            );
+        };
+        let mut y = vec![0f32; pre.len()];
+        y.par_chunks_mut(CHUNK_ELEMS)
+            .zip(pre.par_chunks(CHUNK_ELEMS))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+                }
+            });
+        if self.keep {
+            *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
+        }
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let kept = self.pre.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let pre = match kept {
+            Some(pre) if pre.len() == y.elem_count() => {
+                Tensor::from_vec(pre, y.shape(), y.device())?
+            }
+            _ => x.apply_op3_no_bwd(w, b, &LinearLast)?,
+        };
+        let d_pre = pre.apply_op2_no_bwd(&g.contiguous()?, &GeluErfBwd)?;
+        LinearLast.bwd(x, w, b, y, &d_pre)
+    }
+}
+
 struct LinearLastBwd;
 
 impl CustomOp3 for LinearLastBwd {

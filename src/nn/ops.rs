@@ -82,6 +82,19 @@ impl Linear {
         self.forward_composed(x)
     }
 
+    /// GELU(self(x)), fused into one kernel where the linear layer is.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        if fusable(x) && fusable(&self.weight) && fusable(&self.bias) {
+            let keep = x.track_op() || self.weight.track_op() || self.bias.track_op();
+            return x.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                super::fused::LinearGelu::new(keep),
+            );
+        }
+        gelu(&self.forward_composed(x)?)
+    }
+
     fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         use candle_core::Module;
         candle_nn::Linear::new(self.weight.clone(), Some(self.bias.clone())).forward(x)
@@ -387,6 +400,39 @@ mod tests {
         let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
         for (v, what) in [(&x, "dx"), (&w, "dweight"), (&b, "dbias")] {
             close(gf.get(v).unwrap(), gc.get(v).unwrap(), what);
+        }
+    }
+
+    /// Linear + GELU in one kernel against the two candle ops it replaces (x w^T + b, then
+    /// `gelu_erf`): output and the gradients of x, weight and bias; and without the kept
+    /// pre-activation the backward recomputes it to the same gradients.
+    #[test]
+    fn fused_linear_gelu_matches_the_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 70, 24), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (40, 24), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 40, &dev).unwrap()).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (3, 70, 40), &dev).unwrap();
+        let lin = Linear {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+        };
+        let close = |a: &Tensor, e: &Tensor, what: &str| assert_close(a, e, 1e-4, what);
+        let fused = lin.forward_gelu(&x).unwrap();
+        let composed = lin.forward_composed(&x).unwrap().gelu_erf().unwrap();
+        close(&fused, &composed, "y");
+        let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
+        let recomputed = x
+            .apply_op3(
+                w.as_tensor(),
+                b.as_tensor(),
+                super::super::fused::LinearGelu::new(false),
+            )
+            .unwrap();
+        let gr = pull(&recomputed, &up);
+        for (v, what) in [(&x, "dx"), (&w, "dweight"), (&b, "dbias")] {
+            close(gf.get(v).unwrap(), gc.get(v).unwrap(), what);
+            assert_close(gr.get(v).unwrap(), gf.get(v).unwrap(), 0.0, what);
         }
     }
 

@@ -2,7 +2,7 @@
 //! are: `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
 //! mlp.fc1,mlp.fc2}`, `norm` / `fc_norm`, `head`.
 
-use super::ops::{drop_path, fusable, gelu, linear, softmax_last, LayerNorm, Linear};
+use super::ops::{drop_path, fusable, linear, softmax_last, LayerNorm, Linear};
 use super::pos_embed::sincos_2d_tensor;
 use super::tap::Taps;
 use crate::rng::Rng;
@@ -187,7 +187,7 @@ impl Mlp {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+        self.fc2.forward(&self.fc1.forward_gelu(x)?)
     }
 }
 
