@@ -381,8 +381,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn fused_linear_matches_the_composed_op() {
+    /// Input, weight and bias as variables, an upstream gradient, and the layer over them.
+    fn linear_case() -> (Var, Var, Var, Tensor, Linear) {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 70, 24), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (40, 24), &dev).unwrap()).unwrap();
@@ -392,6 +392,12 @@ mod tests {
             weight: w.as_tensor().clone(),
             bias: b.as_tensor().clone(),
         };
+        (x, w, b, up, lin)
+    }
+
+    #[test]
+    fn fused_linear_matches_the_composed_op() {
+        let (x, w, b, up, lin) = linear_case();
         let close = |a: &Tensor, e: &Tensor, what: &str| assert_close(a, e, 1e-4, what);
         let fused = lin.forward(&x).unwrap();
         let composed = lin.forward_composed(&x).unwrap();
@@ -408,15 +414,7 @@ mod tests {
     /// pre-activation the backward recomputes it to the same gradients.
     #[test]
     fn fused_linear_gelu_matches_the_composed_ops() {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 70, 24), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (40, 24), &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 40, &dev).unwrap()).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (3, 70, 40), &dev).unwrap();
-        let lin = Linear {
-            weight: w.as_tensor().clone(),
-            bias: b.as_tensor().clone(),
-        };
+        let (x, w, b, up, lin) = linear_case();
         let close = |a: &Tensor, e: &Tensor, what: &str| assert_close(a, e, 1e-4, what);
         let fused = lin.forward_gelu(&x).unwrap();
         let composed = lin.forward_composed(&x).unwrap().gelu_erf().unwrap();
