@@ -218,22 +218,39 @@ fn place_boxes(
 ) -> Result<(HashMap<usize, Vec<PlacedBox>>, usize)> {
     let boxes = crate::data::formats::read_boxes(file)?;
     let root = &set.dataset.root;
-    let mut by_name: HashMap<String, usize> = HashMap::new();
+    // A box names its image by the path relative to the data folder, or by file name (NIH's
+    // `Image Index`) where that name is unique among the test images.
+    let (mut by_path, mut by_name) = (HashMap::new(), HashMap::<String, Vec<usize>>::new());
     for (pos, &i) in test.iter().enumerate() {
         let path = &set.dataset.samples[set.sample_of[i]].path;
         if let Some(name) = path.file_name() {
-            by_name.insert(name.to_string_lossy().into_owned(), pos);
+            by_name
+                .entry(name.to_string_lossy().into_owned())
+                .or_default()
+                .push(pos);
         }
         if let Ok(rel) = path.strip_prefix(root) {
-            by_name.insert(rel.to_string_lossy().into_owned(), pos);
+            by_path.insert(rel.to_string_lossy().into_owned(), pos);
         }
     }
     let (mut placed, mut unmatched) = (HashMap::<usize, Vec<PlacedBox>>::new(), 0);
     let mut dims = HashMap::new();
     for b in boxes {
-        let Some(&pos) = by_name.get(&b.image) else {
-            unmatched += 1;
-            continue;
+        let pos = match (
+            by_path.get(&b.image),
+            by_name.get(&b.image).map(Vec::as_slice),
+        ) {
+            (Some(&pos), _) | (None, Some(&[pos])) => pos,
+            (None, Some(_)) => bail!(
+                "{}: several test images are named `{}`; name the image by its path relative to {}",
+                b.origin,
+                b.image,
+                root.display()
+            ),
+            (None, None) => {
+                unmatched += 1;
+                continue;
+            }
         };
         let class = class_of(&b, classes)?;
         let path = &set.dataset.samples[set.sample_of[test[pos]]].path;

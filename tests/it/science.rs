@@ -133,7 +133,8 @@ fn entry_metrics(p: &Project, stage: &str) -> serde_json::Value {
 }
 
 /// Boxes in original-image pixels: the whole of the first test image (no label: its target
-/// class), the left half of the second for class `zimmer`, and one on a training image.
+/// class; named by its path), the left half of the second for class `zimmer` (named by its file
+/// name, as NIH's list does), and one on a training image.
 fn boxes_on_test_images(p: &Project) -> String {
     let labels = std::fs::read_to_string(p.path().join("data/shoulder/labels.csv")).unwrap();
     let rows: Vec<Vec<&str>> = labels
@@ -153,7 +154,7 @@ fn boxes_on_test_images(p: &Project) -> String {
     format!(
         "path,label,x,y,w,h\n{},,0,0,{w0},{h0}\n{},zimmer,0,0,{},{h1}\n{train},,10,10,20,20\n",
         test[0],
-        test[1],
+        test[1].rsplit('/').next().unwrap(),
         w1 / 2
     )
 }
