@@ -125,7 +125,16 @@ stages:
 "#;
 
 fn entry_metrics(p: &Project, stage: &str) -> serde_json::Value {
-    let r = p.run(&["show", stage, "--pipeline", "pipelines/tiny.yaml", "--json"]);
+    shown(
+        p,
+        &["show", stage, "--pipeline", "pipelines/tiny.yaml", "--json"],
+        stage,
+    )
+}
+
+/// `pretext show ARGS` of a stage that must have a cache entry.
+fn shown(p: &Project, args: &[&str], stage: &str) -> serde_json::Value {
+    let r = p.run(args);
     r.ok();
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["cached"], true, "{stage} has an entry");
@@ -567,4 +576,75 @@ fn shipped_pipelines_plan_and_the_matrix_has_every_route_for_both_backbones() {
         }
     }
     assert_eq!(grid.len(), routes.len() * 2, "{grid:?}");
+}
+
+/// Every route of the shipped matrix, as users run it (the repository's pipeline files), on a
+/// handful of real X-rays at the smallest sizes: each route's ViT and ResNet-18 reaches the report.
+#[test]
+fn the_shipped_matrix_runs_every_route_on_tiny_settings() {
+    let p = Project::new();
+    tiny_data(&p, 6, 3, 16);
+    for (tiny, shipped) in [
+        ("shoulder", "shoulder-implant"),
+        ("chest", "chest-pneumonia224"),
+    ] {
+        std::fs::rename(
+            p.path().join("data").join(tiny),
+            p.path().join("data").join(shipped),
+        )
+        .unwrap();
+    }
+    for dir in ["pipelines", "pipelines/routes"] {
+        std::fs::create_dir_all(p.path().join(dir)).unwrap();
+        for e in std::fs::read_dir(repo().join(dir)).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), p.path().join(dir).join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let r = p.run(&[
+        "run",
+        "pipelines/matrix.yaml",
+        "--profile",
+        "smoke",
+        "--set",
+        "img=32",
+        "--set",
+        "patch=8",
+        "--set",
+        "vit_dims=[16, 1, 2]",
+        "--jobs",
+        "2",
+    ]);
+    r.ok();
+    // Without --pipeline, `show` finds the stage in the journal of the run just made (whose
+    // --set and --profile it could not repeat).
+    let report = shown(&p, &["show", "report", "--json"], "report");
+    let md = std::fs::read_to_string(Path::new(report["dir"].as_str().unwrap()).join("results.md"))
+        .unwrap();
+    for route in [
+        "scratch@vit",
+        "scratch@resnet18",
+        "shoulder_proxy@vit",
+        "shoulder_proxy@resnet18",
+        "chest_mae",
+        "chest_mae_cnn",
+        "chest_mae_chest_proxy",
+        "chest_mae_chest_proxy_cnn",
+        "chest_mae_shoulder_proxy",
+        "chest_mae_shoulder_proxy_cnn",
+        "chest_mae_shoulder_mae_center",
+        "chest_mae_shoulder_mae_center_cnn",
+        "chest_mae_shoulder_mae_random",
+        "chest_mae_shoulder_mae_random_cnn",
+    ] {
+        // Test results over 3 seeds; Grad-CAM statistics over the 12 test images.
+        for row in [
+            format!("| eval_{route} | 3 |"),
+            format!("| cam_{route} | 12 |"),
+        ] {
+            assert!(md.contains(&row), "no row `{row}` in the report:\n{md}");
+        }
+    }
 }
