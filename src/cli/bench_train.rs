@@ -5,11 +5,12 @@
 //! `--json` prints one object per side:
 //!
 //! ```json
-//! {"impl":"candle","model":"mae","img":64,"patch":8,"dim":192,"depth":12,"heads":3,"batch":32,
+//! {"impl":"candle (cpu)","model":"mae","img":64,"patch":8,"dim":192,"depth":12,"heads":3,"batch":32,
 //!  "threads":2,"steps":5,"step_ms_median":412.0,"steps_per_s":2.43,"forward_ms":120.1,
 //!  "backward_ms":260.3,"optimizer_ms":31.6,"peak_rss_mib":510.2}
 //! ```
-//! and `{"impl":"pytorch",...}` with the same fields (or `"error"` when the twin could not run).
+//! and `{"impl":"pytorch (cpu)",...}` with the same fields (or `"error"` when the twin could not
+//! run); the parenthesis names the device.
 
 use crate::nn::mae::{Mae, MaeConfig};
 use crate::nn::ops::cross_entropy;
@@ -148,7 +149,7 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
             Some(Ok(t)) => println!("{}", serde_json::to_string(t)?),
             Some(Err(e)) => println!(
                 "{}",
-                serde_json::json!({"impl": "pytorch", "error": format!("{e:#}")})
+                serde_json::json!({"impl": format!("pytorch ({})", args.device), "error": format!("{e:#}")})
             ),
             None => {}
         }
