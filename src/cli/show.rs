@@ -20,6 +20,12 @@ pub struct ShowArgs {
     pipeline: Option<PathBuf>,
     #[arg(long, value_name = "DIR")]
     cache: Option<PathBuf>,
+    /// With --pipeline: the profile the stage was run under.
+    #[arg(long, requires = "pipeline")]
+    profile: Option<String>,
+    /// With --pipeline: the var overrides it was run with (--set epochs=3, repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = super::parse_set, requires = "pipeline")]
+    set: Vec<(String, serde_json::Value)>,
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -58,7 +64,11 @@ struct Upstream {
 
 pub fn show(args: ShowArgs, catalog: &Catalog) -> Result<ExitCode> {
     let (store, stage, key_input) = if let Some(file) = &args.pipeline {
-        let plan = load_plan(file, catalog, &LoadOptions::default())?;
+        let opts = LoadOptions {
+            profile: args.profile.clone(),
+            set: args.set.clone(),
+        };
+        let plan = load_plan(file, catalog, &opts)?;
         let store = open_store(args.cache.as_deref(), &plan.root)?;
         let selected = plan
             .select(std::slice::from_ref(&args.target))

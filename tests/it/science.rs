@@ -603,9 +603,7 @@ fn the_shipped_matrix_runs_every_route_on_tiny_settings() {
             }
         }
     }
-    let r = p.run(&[
-        "run",
-        "pipelines/matrix.yaml",
+    let overrides = [
         "--profile",
         "smoke",
         "--set",
@@ -614,13 +612,25 @@ fn the_shipped_matrix_runs_every_route_on_tiny_settings() {
         "patch=8",
         "--set",
         "vit_dims=[16, 1, 2]",
-        "--jobs",
-        "2",
-    ]);
-    r.ok();
-    // Without --pipeline, `show` finds the stage in the journal of the run just made (whose
-    // --set and --profile it could not repeat).
-    let report = shown(&p, &["show", "report", "--json"], "report");
+    ];
+    let mut run = vec!["run", "pipelines/matrix.yaml", "--jobs", "2"];
+    run.extend(overrides);
+    p.run(&run).ok();
+    // `show` resolves the stage under the same profile and overrides as the run; without
+    // --pipeline it finds the same entry in the journal of the run just made.
+    let mut args = vec![
+        "show",
+        "report",
+        "--pipeline",
+        "pipelines/matrix.yaml",
+        "--json",
+    ];
+    args.extend(overrides);
+    let report = shown(&p, &args, "report");
+    assert_eq!(
+        shown(&p, &["show", "report", "--json"], "report")["key"],
+        report["key"]
+    );
     let md = std::fs::read_to_string(Path::new(report["dir"].as_str().unwrap()).join("results.md"))
         .unwrap();
     for route in [
