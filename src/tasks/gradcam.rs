@@ -199,6 +199,10 @@ pub fn box_stats(map: &[f32], size: usize, bx: [f64; 4], iou_threshold: f64) -> 
     }
 }
 
+/// One map per image of a chunk for one class: the trained model's, and the random-weights
+/// model's when that baseline is on.
+type ChunkMaps = (Vec<Vec<f32>>, Option<Vec<Vec<f32>>>);
+
 /// A box on one test image, in map pixels, with the class whose map it is scored against
 /// (`None`: the image's target class).
 struct PlacedBox {
@@ -529,8 +533,7 @@ impl Task for GradCamTask {
                 None => vec![None; chunk.len()],
             };
             // Boxes of a finding other than the image's target need that class's maps.
-            let mut box_maps: BTreeMap<usize, (Vec<Vec<f32>>, Option<Vec<Vec<f32>>>)> =
-                BTreeMap::new();
+            let mut box_maps: BTreeMap<usize, ChunkMaps> = BTreeMap::new();
             if let Some(boxes) = &boxes {
                 for (j, pos) in (chunk_no * 16..).take(chunk.len()).enumerate() {
                     for b in boxes.get(&pos).into_iter().flatten() {

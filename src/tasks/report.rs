@@ -339,7 +339,7 @@ impl Task for Report {
                     .iter()
                     .filter_map(|l| {
                         path.iter()
-                            .fold(Some(&l.metrics["boxes"]), |v, k| v.and_then(|v| v.get(*k)))
+                            .try_fold(&l.metrics["boxes"], |v, k| v.get(*k))
                             .and_then(Value::as_f64)
                     })
                     .collect();

@@ -315,7 +315,7 @@ mod tests {
                     seen.push(big.as_tensor().to_vec1::<f32>().unwrap());
                     seen.push(small.as_tensor().to_vec1::<f32>().unwrap());
                 }
-                for (_, (m, v, _)) in &opt.state {
+                for (m, v, _) in opt.state.values() {
                     seen.push(m.flatten_all().unwrap().to_vec1::<f32>().unwrap());
                     seen.push(v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
                 }
