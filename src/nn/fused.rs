@@ -279,6 +279,19 @@ pub fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// GELU(x) = x/2 (1 + erf(x / sqrt 2)) of every element, in parallel chunks.
+fn gelu_erf(x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(CHUNK_ELEMS)
+        .zip(x.par_chunks(CHUNK_ELEMS))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+            }
+        });
+    y
+}
+
 /// GELU with the exact (erf) form, as torch's `F.gelu` default and timm's MLP use.
 pub struct GeluErf;
 
@@ -288,15 +301,7 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK_ELEMS)
-            .zip(x.par_chunks(CHUNK_ELEMS))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-                }
-            });
+        let y = gelu_erf(slice(s, l, self.name())?);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -728,14 +733,7 @@ impl CustomOp3 for LinearGelu {
                 self.name()
             );
         };
-        let mut y = vec![0f32; pre.len()];
-        y.par_chunks_mut(CHUNK_ELEMS)
-            .zip(pre.par_chunks(CHUNK_ELEMS))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-                }
-            });
+        let y = gelu_erf(&pre);
         if self.keep {
             *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
         }
