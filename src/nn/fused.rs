@@ -31,6 +31,23 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32
     }
 }
 
+/// The gradients of (x, weight, bias) from a backward kernel that writes all three into one
+/// output, end to end (one kernel call instead of three).
+fn unpack_grads(
+    packed: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (n, nw) = (x.elem_count(), w.elem_count());
+    let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = packed.narrow(0, n, nw)?.reshape(w.shape())?;
+    let db = packed
+        .narrow(0, n + nw, b.elem_count())?
+        .reshape(b.shape())?;
+    Ok((Some(dx), Some(dw), Some(db)))
+}
+
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1)
 }
@@ -179,22 +196,16 @@ impl CustomOp3 for LayerNormLast {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = w.dim(0)?;
-        let n = x.elem_count();
-        // One output holds dx, then dweight, then dbias.
         let packed = x.apply_op3_no_bwd(
             &w.contiguous()?,
             &g.contiguous()?,
             &LayerNormLastBwd { eps: self.eps },
         )?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, d)?;
-        let db = packed.narrow(0, n + d, d)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        unpack_grads(&packed, x, w, b)
     }
 }
 
@@ -679,18 +690,12 @@ impl CustomOp3 for LinearLast {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, inp) = w.dims2()?;
-        let n = x.elem_count();
-        // One output holds dx, then dweight, then dbias.
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearLastBwd)?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, out * inp)?.reshape((out, inp))?;
-        let db = packed.narrow(0, n + out * inp, out)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        unpack_grads(&packed, x, w, b)
     }
 }
 
@@ -1276,19 +1281,13 @@ impl CustomOp3 for BatchNormTrain {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = w.dim(0)?;
-        let n = x.elem_count();
-        // One output holds dx, then dweight, then dbias.
         let packed =
             x.apply_op3_no_bwd(w, &g.contiguous()?, &BatchNormTrainBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, c)?;
-        let db = packed.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        unpack_grads(&packed, x, w, b)
     }
 }
 
