@@ -68,6 +68,18 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
             keep.insert(k.key);
         }
     }
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    let remove_folder = |what: &str, dir: &Path| -> Result<()> {
+        println!("{verb} {what} {}", dir.display());
+        if !args.dry_run {
+            std::fs::remove_dir_all(dir)?;
+        }
+        Ok(())
+    };
     let mut removed = 0;
     for entry in store.entries()? {
         if keep.contains(&entry.key) {
@@ -77,16 +89,7 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
             .manifest()
             .map(|m| m.stage)
             .unwrap_or_else(|_| "?".into());
-        println!(
-            "{} {}/{} ({stage})",
-            if args.dry_run {
-                "would remove"
-            } else {
-                "removed"
-            },
-            entry.kind,
-            entry.key.short()
-        );
+        println!("{verb} {}/{} ({stage})", entry.kind, entry.key.short());
         if !args.dry_run {
             store.remove(&entry)?;
         }
@@ -94,33 +97,11 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
     }
     for (key, dir) in store.staging_dirs()? {
         if !keep.contains(&key) && !store.is_locked(&key) {
-            println!(
-                "{} unfinished {}",
-                if args.dry_run {
-                    "would remove"
-                } else {
-                    "removed"
-                },
-                dir.display()
-            );
-            if !args.dry_run {
-                std::fs::remove_dir_all(&dir)?;
-            }
+            remove_folder("unfinished", &dir)?;
         }
     }
     for run in old_job_runs(&store.jobs_dir(), args.keep_jobs_days)? {
-        println!(
-            "{} Slurm job folder {}",
-            if args.dry_run {
-                "would remove"
-            } else {
-                "removed"
-            },
-            run.display()
-        );
-        if !args.dry_run {
-            std::fs::remove_dir_all(&run)?;
-        }
+        remove_folder("Slurm job folder", &run)?;
     }
     println!(
         "{} pipelines, {} entries kept, {removed} {}",
