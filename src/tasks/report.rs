@@ -201,9 +201,7 @@ impl Task for Report {
                 .or_default()
                 .push(l);
         }
-        let f = |ls: &[&Leaf], key: &str| -> Vec<f64> {
-            ls.iter().filter_map(|l| l.metrics[key].as_f64()).collect()
-        };
+        let f = |ls: &[&Leaf], key: &str| metric_over(ls, &[key]);
 
         let mut md = format!("# {}\n\n", p.title);
         let mut csv = String::from("route,seeds,accuracy_mean,accuracy_sd,macro_f1_mean,macro_f1_sd,auc_mean,auc_sd,kappa_mean,majority_baseline\n");
@@ -231,12 +229,7 @@ impl Task for Report {
                 fmt_ms(&f(ls, "majority_baseline")),
             ];
             writeln!(md, "| {} |", row.join(" | "))?;
-            html_rows.push_str(&format!(
-                "<tr>{}</tr>\n",
-                row.iter()
-                    .map(|c| format!("<td>{}</td>", html_escape(c)))
-                    .collect::<String>()
-            ));
+            html_rows.push_str(&html_row(&row));
             let (am, asd) = mean_sd(&acc);
             let (fm, fsd) = mean_sd(&f1);
             let (um, usd) = mean_sd(&auc);
@@ -254,15 +247,7 @@ impl Task for Report {
             if kind != "gradcam" {
                 continue;
             }
-            let g = |path: &[&str]| -> Vec<f64> {
-                ls.iter()
-                    .filter_map(|l| {
-                        path.iter()
-                            .fold(Some(&l.metrics), |v, k| v.and_then(|v| v.get(*k)))
-                            .and_then(Value::as_f64)
-                    })
-                    .collect()
-            };
+            let g = |path: &[&str]| metric_over(ls, path);
             let row = [
                 route.clone(),
                 f(ls, "images")
@@ -294,12 +279,7 @@ impl Task for Report {
                 ),
             ];
             writeln!(md, "| {} |", row.join(" | "))?;
-            cam_rows.push_str(&format!(
-                "<tr>{}</tr>\n",
-                row.iter()
-                    .map(|c| format!("<td>{}</td>", html_escape(c)))
-                    .collect::<String>()
-            ));
+            cam_rows.push_str(&html_row(&row));
         }
         md.push_str("\nCentre energy: share of the map inside the central square of half the image side (a uniform map scores 0.25). Deletion/insertion AUC: the target class's probability as the pixels the map ranks highest are removed from the image / put onto a blank one; a faithful map gives a lower deletion and a higher insertion AUC than the random-weights model's maps used the same way. Spreads are standard deviations over seeds; CIs are per-run bootstrap 95% intervals, averaged over seeds.\n");
         let cam_routes: Vec<(String, Vec<&Leaf>)> = groups
@@ -313,12 +293,7 @@ impl Task for Report {
             md.push_str("\n## Do the routes look at different places? (paired, per test image)\n\n| statistic | route A | route B | images | median A - B | Wilcoxon z | p | p (Holm) |\n|---|---|---|---|---|---|---|---|\n");
             for row in &paired {
                 writeln!(md, "| {} |", row.join(" | "))?;
-                paired_rows.push_str(&format!(
-                    "<tr>{}</tr>\n",
-                    row.iter()
-                        .map(|c| format!("<td>{}</td>", html_escape(c)))
-                        .collect::<String>()
-                ));
+                paired_rows.push_str(&html_row(row.as_slice()));
             }
             md.push_str("\nEach image's value is averaged over a route's seeds; the test pairs the same test images across two routes (Wilcoxon signed-rank, normal approximation, ties averaged). Holm adjusts for the number of comparisons of each statistic.\n");
         }
@@ -334,16 +309,11 @@ impl Task for Report {
             if with_boxes.is_empty() {
                 continue;
             }
-            let g = |path: &[&str]| -> String {
-                let v: Vec<f64> = with_boxes
-                    .iter()
-                    .filter_map(|l| {
-                        path.iter()
-                            .try_fold(&l.metrics["boxes"], |v, k| v.get(*k))
-                            .and_then(Value::as_f64)
-                    })
+            let g = |path: &[&str]| {
+                let full: Vec<&str> = std::iter::once("boxes")
+                    .chain(path.iter().copied())
                     .collect();
-                fmt_ms(&v)
+                fmt_ms(&metric_over(&with_boxes, &full))
             };
             let pair = |model: &[&str], base: &[&str]| format!("{} ({})", g(model), g(base));
             let row = [
@@ -366,12 +336,7 @@ impl Task for Report {
                 md.push_str("\n## Do the maps find the boxes?\n\n| route | boxes | pointing game (random-weights maps) | IoU (random-weights maps) | energy in box (random-weights maps) |\n|---|---|---|---|---|\n");
             }
             writeln!(md, "| {} |", row.join(" | "))?;
-            box_rows.push_str(&format!(
-                "<tr>{}</tr>\n",
-                row.iter()
-                    .map(|c| format!("<td>{}</td>", html_escape(c)))
-                    .collect::<String>()
-            ));
+            box_rows.push_str(&html_row(&row));
         }
         if !box_rows.is_empty() {
             md.push_str("\nPointing game: share of boxes that hold the map's maximum. IoU: the map thresholded at `iou_threshold` (0.5 of its maximum by default) against the box. Energy in box: share of the map inside it.\n");
@@ -430,6 +395,27 @@ impl Task for Report {
             json!({ "stages": leaves.len(), "routes": groups.keys().filter(|(k, _)| k == "evaluate").count() }),
         )
     }
+}
+
+/// The number at `path` in each leaf's metrics (leaves without it are left out).
+fn metric_over(leaves: &[&Leaf], path: &[&str]) -> Vec<f64> {
+    leaves
+        .iter()
+        .filter_map(|l| {
+            path.iter()
+                .try_fold(&l.metrics, |v, k| v.get(*k))
+                .and_then(Value::as_f64)
+        })
+        .collect()
+}
+
+/// One HTML table row, each cell escaped.
+fn html_row(cells: &[String]) -> String {
+    let cells: String = cells
+        .iter()
+        .map(|c| format!("<td>{}</td>", html_escape(c)))
+        .collect();
+    format!("<tr>{cells}</tr>\n")
 }
 
 /// A gradcam stage's `maps.csv`.
