@@ -2,7 +2,7 @@
 //! norm2,conv2}`, `features.transitionN.{norm,conv}`, `features.norm5`, `classifier`).
 
 use super::cnn::{apply, batch_norm, bn, classifier, Conv};
-use super::ops::{avg_pool_2x2, global_avg_pool, max_pool_3x3_s2};
+use super::ops::{avg_pool_2x2, global_avg_pool, max_pool_3x3_s2, relu};
 use super::resnet::CnnOutput;
 use super::tap::Taps;
 use candle_core::{Result, Tensor};
@@ -121,29 +121,29 @@ impl DenseNet {
     /// and every convolution: `features.denseblockN.denselayerM.conv1|conv2`.
     /// `features` is norm5's output (before the final ReLU), as `model.features(x)`.
     pub fn forward_t(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Result<CnnOutput> {
-        let x = bn(&self.norm0, &self.conv0.forward(x)?, train)?.relu()?;
+        let x = relu(&bn(&self.norm0, &self.conv0.forward(x)?, train)?)?;
         let mut x = taps.point("features.pool0", max_pool_3x3_s2(&x)?)?;
         for (i, (layers, transition)) in self.blocks.iter().enumerate() {
             for (j, l) in layers.iter().enumerate() {
                 let name = format!("features.denseblock{}.denselayer{}", i + 1, j + 1);
                 let y = taps.point(
                     &format!("{name}.conv1"),
-                    l.conv1.forward(&bn(&l.norm1, &x, train)?.relu()?)?,
+                    l.conv1.forward(&relu(&bn(&l.norm1, &x, train)?)?)?,
                 )?;
                 let y = taps.point(
                     &format!("{name}.conv2"),
-                    l.conv2.forward(&bn(&l.norm2, &y, train)?.relu()?)?,
+                    l.conv2.forward(&relu(&bn(&l.norm2, &y, train)?)?)?,
                 )?;
                 x = Tensor::cat(&[&x, &y], 1)?;
             }
             x = taps.point(&format!("features.denseblock{}", i + 1), x)?;
             if let Some(t) = transition {
-                x = avg_pool_2x2(&t.conv.forward(&bn(&t.norm, &x, train)?.relu()?)?)?;
+                x = avg_pool_2x2(&t.conv.forward(&relu(&bn(&t.norm, &x, train)?)?)?)?;
                 x = taps.point(&format!("features.transition{}", i + 1), x)?;
             }
         }
         let features = taps.point("features.norm5", bn(&self.norm5, &x, train)?)?;
-        let pooled = global_avg_pool(&features.relu()?)?;
+        let pooled = global_avg_pool(&relu(&features)?)?;
         let logits = self
             .classifier
             .as_ref()

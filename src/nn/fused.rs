@@ -350,6 +350,63 @@ impl CustomOp2 for GeluErfBwd {
     }
 }
 
+// ------------------------------------------------------------------------------------- relu
+
+/// max(x, 0). Composed, candle's backward builds a mask through four allocating passes
+/// (zeros, compare, cast, multiply); here it is one pass over the output and the gradient.
+pub struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "pretext-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK_ELEMS)
+            .zip(x.par_chunks(CHUNK_ELEMS))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x.max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &ReluBwd)?))
+    }
+}
+
+/// dx = g where the output is positive, else 0 (torch's rule: no gradient at exactly 0).
+struct ReluBwd;
+
+impl CustomOp2 for ReluBwd {
+    fn name(&self) -> &'static str {
+        "pretext-relu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (slice(ys, yl, self.name())?, slice(gs, gl, self.name())?);
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(CHUNK_ELEMS)
+            .zip(y.par_chunks(CHUNK_ELEMS).zip(g.par_chunks(CHUNK_ELEMS)))
+            .for_each(|(dx, (y, g))| {
+                for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
 // -------------------------------------------------------------------------------- attention
 
 /// A row-major view of a matrix inside a larger buffer: element (i, j) at `ptr + i*rs + j*cs`.
@@ -1347,5 +1404,113 @@ impl CustomOp3 for BatchNormTrainBwd {
             }
         });
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
+    }
+}
+
+// ---------------------------------------------------------------------------------- pooling
+
+/// The 3x3 window, stride 2, padding 1, of `[B, C, H, W]` (the ResNet and DenseNet stem).
+struct PoolGeometry {
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PoolGeometry {
+    fn of(dims: &[usize]) -> Result<Self> {
+        match *dims {
+            [b, c, h, w] => Ok(Self {
+                planes: b * c,
+                h,
+                w,
+                oh: (h + 2 - 3) / 2 + 1,
+                ow: (w + 2 - 3) / 2 + 1,
+            }),
+            ref d => candle_core::bail!("max pool: expected [B, C, H, W], got {d:?}"),
+        }
+    }
+
+    /// The plane index of the first largest value in output cell (i, j)'s window, scanning rows
+    /// then columns, as torch records it (ties go to the first, not shared).
+    fn argmax(&self, plane: &[f32], i: usize, j: usize) -> usize {
+        let rows = (2 * i).saturating_sub(1)..(2 * i + 2).min(self.h);
+        let cols = (2 * j).saturating_sub(1)..(2 * j + 2).min(self.w);
+        let mut best = rows.start * self.w + cols.start;
+        for r in rows {
+            for c in cols.clone() {
+                let k = r * self.w + c;
+                if plane[k] > plane[best] || plane[k].is_nan() {
+                    best = k;
+                }
+            }
+        }
+        best
+    }
+}
+
+/// Max-pool 3x3, stride 2, padding 1, as torch's `max_pool2d` computes it, one plane per task.
+pub struct MaxPool3x3S2;
+
+impl CustomOp1 for MaxPool3x3S2 {
+    fn name(&self) -> &'static str {
+        "pretext-max-pool-3x3-s2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let p = PoolGeometry::of(l.dims())?;
+        let mut y = vec![0f32; p.planes * p.oh * p.ow];
+        y.par_chunks_mut(p.oh * p.ow)
+            .zip(x.par_chunks(p.h * p.w))
+            .for_each(|(y, x)| {
+                for i in 0..p.oh {
+                    for j in 0..p.ow {
+                        y[i * p.ow + j] = x[p.argmax(x, i, j)];
+                    }
+                }
+            });
+        let mut dims = l.dims().to_vec();
+        dims[2] = p.oh;
+        dims[3] = p.ow;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&g.contiguous()?, &MaxPool3x3S2Bwd)?,
+        ))
+    }
+}
+
+/// Each output's gradient goes to its window's argmax, recomputed from the input.
+struct MaxPool3x3S2Bwd;
+
+impl CustomOp2 for MaxPool3x3S2Bwd {
+    fn name(&self) -> &'static str {
+        "pretext-max-pool-3x3-s2-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (slice(xs, xl, self.name())?, slice(gs, gl, self.name())?);
+        let p = PoolGeometry::of(xl.dims())?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(p.h * p.w)
+            .zip(x.par_chunks(p.h * p.w).zip(g.par_chunks(p.oh * p.ow)))
+            .for_each(|(dx, (x, g))| {
+                for i in 0..p.oh {
+                    for j in 0..p.ow {
+                        dx[p.argmax(x, i, j)] += g[i * p.ow + j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }

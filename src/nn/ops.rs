@@ -122,10 +122,27 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
+/// ReLU. The fused kernel follows torch's backward (no gradient where the output is 0); candle's
+/// composed one, used elsewhere, passes the gradient at exactly 0.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        return x.contiguous()?.apply_op1(super::fused::Relu);
+    }
+    x.relu()
+}
+
 /// Max-pool 3x3, stride 2, padding 1 (the ResNet/DenseNet stem), as torch computes it, gradients
-/// included: out[i] = max(x[2i-1], x[2i], x[2i+1]) along each spatial axis, built from strided
-/// views of the padded input and `maximum`.
+/// included: out[i] = max(x[2i-1], x[2i], x[2i+1]) along each spatial axis. Elsewhere than f32 on
+/// the CPU it is built from strided views of the padded input and `maximum`, whose backward
+/// shares a tied gradient where torch gives it to the first maximum.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        return x.contiguous()?.apply_op1(super::fused::MaxPool3x3S2);
+    }
+    max_pool_3x3_s2_composed(x)
+}
+
+fn max_pool_3x3_s2_composed(x: &Tensor) -> Result<Tensor> {
     let pooled_h = pool_axis_3_2(x, 2)?;
     pool_axis_3_2(&pooled_h, 3)
 }
@@ -379,6 +396,43 @@ mod tests {
         for (v, what) in [(&x, "dx"), (&w, "dweight"), (&b, "dbias")] {
             close(gf.get(v).unwrap(), gc.get(v).unwrap(), what);
         }
+    }
+
+    /// ReLU and the stem's max pool against candle's composed ops on several planes of odd and
+    /// even sizes (random values: no ties), and torch's rule for ties: all of a window's
+    /// gradient goes to its first maximum.
+    #[test]
+    fn fused_relu_and_max_pool_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        let close = |a: &Tensor, b: &Tensor, what: &str| assert_close(a, b, 1e-6, what);
+        for (h, w) in [(9, 8), (16, 16), (7, 11)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, h, w), &dev).unwrap())
+                .unwrap();
+            let fused = relu(&x).unwrap();
+            let composed = x.relu().unwrap();
+            close(&fused, &composed, "relu");
+            let up = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
+            let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
+            close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "relu grad");
+
+            let fused = max_pool_3x3_s2(&x).unwrap();
+            let composed = max_pool_3x3_s2_composed(&x).unwrap();
+            close(&fused, &composed, "max pool");
+            let up = Tensor::randn(0f32, 1.0, fused.shape(), &dev).unwrap();
+            let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
+            close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "max pool grad");
+        }
+        let flat = Var::from_tensor(&Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap())
+            .unwrap();
+        let y = max_pool_3x3_s2(&flat).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = grads.get(&flat).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // Output windows start at rows/cols -1 and 1, so their first cells are (0|1, 0|1).
+        let mut expected = vec![0f32; 16];
+        for k in [0, 1, 4, 5] {
+            expected[k] = 1.0;
+        }
+        assert_eq!(g, expected);
     }
 
     /// Input, weight and bias as variables, an upstream gradient, and the layer over them.

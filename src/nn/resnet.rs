@@ -2,7 +2,7 @@
 //! BasicBlock (18/34) and Bottleneck (50), any number of input channels.
 
 use super::cnn::{apply, batch_norm, bn, classifier, Conv};
-use super::ops::{global_avg_pool, max_pool_3x3_s2};
+use super::ops::{global_avg_pool, max_pool_3x3_s2, relu};
 use super::tap::Taps;
 use candle_core::{Result, Tensor};
 use candle_nn::{BatchNorm, Linear, VarBuilder};
@@ -115,14 +115,14 @@ impl ResBlock {
             let c = taps.point(&format!("{prefix}.conv{}", i + 1), conv.forward(&y)?)?;
             y = bn(norm, &c, train)?;
             if i != last {
-                y = y.relu()?;
+                y = relu(&y)?;
             }
         }
         let identity = match &self.downsample {
             Some((conv, norm)) => bn(norm, &conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        relu(&(y + identity)?)
     }
 }
 
@@ -184,7 +184,7 @@ impl ResNet {
     /// `layerN.M` (every block's output, pytorch-grad-cam's `model.layerN[M]`) and
     /// `layerN.M.convK` (every convolution's output).
     pub fn forward_t(&self, x: &Tensor, train: bool, taps: &mut Taps) -> Result<CnnOutput> {
-        let x = bn(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
+        let x = relu(&bn(&self.bn1, &self.conv1.forward(x)?, train)?)?;
         let mut x = taps.point("maxpool", max_pool_3x3_s2(&x)?)?;
         for (i, layer) in self.layers.iter().enumerate() {
             for (j, block) in layer.iter().enumerate() {

@@ -2,6 +2,7 @@
 //! initialised from upstream encoders or ImageNet checkpoints.
 
 use crate::nn::densenet::{DenseNet, DenseNetConfig};
+use crate::nn::ops::relu;
 use crate::nn::params::ParamStore;
 use crate::nn::resnet::{ResNet, ResNetConfig};
 use crate::nn::tap::Taps;
@@ -257,7 +258,7 @@ impl Net {
         let train = rng.is_some();
         Ok(match &self.arch {
             Arch::ResNet(r) => r.forward_t(x, train, &mut Taps::none())?.features,
-            Arch::DenseNet(d) => d.forward_t(x, train, &mut Taps::none())?.features.relu()?,
+            Arch::DenseNet(d) => relu(&d.forward_t(x, train, &mut Taps::none())?.features)?,
             Arch::Vit(_) => bail!("a ViT has no feature map; use the MAE path"),
         })
     }
