@@ -32,7 +32,9 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32
 }
 
 /// The gradients of (x, weight, bias) from a backward kernel that writes all three into one
-/// output, end to end (one kernel call instead of three).
+/// output, end to end (one kernel call instead of three). The weight and bias gradients are copied
+/// out: as views they would keep the whole buffer, the size of the activation, alive until the
+/// optimiser step, because the backward pass stores a node's first gradient as it is.
 fn unpack_grads(
     packed: &Tensor,
     x: &Tensor,
@@ -41,10 +43,11 @@ fn unpack_grads(
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (n, nw) = (x.elem_count(), w.elem_count());
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-    let dw = packed.narrow(0, n, nw)?.reshape(w.shape())?;
+    let dw = packed.narrow(0, n, nw)?.reshape(w.shape())?.force_contiguous()?;
     let db = packed
         .narrow(0, n + nw, b.elem_count())?
-        .reshape(b.shape())?;
+        .reshape(b.shape())?
+        .force_contiguous()?;
     Ok((Some(dx), Some(dw), Some(db)))
 }
 

@@ -314,6 +314,22 @@ mod tests {
         );
     }
 
+    /// The vendored candle stores a node's first gradient without adding it to zeros
+    /// (vendor/README.md): a node that feeds several ops, or the same op twice, must still get
+    /// the sum of their gradients.
+    #[test]
+    fn gradients_of_shared_nodes_add_up() {
+        check_grad(
+            &|x| {
+                let w = weights(12).reshape((3, 4))?;
+                let twice = (x + x)?;
+                ((&twice * &w)? + x.sqr()? + relu(x)?.t()?.contiguous()?.t()?)?.sum_all()
+            },
+            &[3, 4],
+            6,
+        );
+    }
+
     #[test]
     fn max_pool_matches_definition_and_gradient() {
         let x = Tensor::arange(0f32, 25., &Device::Cpu)
