@@ -422,8 +422,8 @@ mod tests {
         let dev = Device::Cpu;
         let close = |a: &Tensor, b: &Tensor, what: &str| assert_close(a, b, 1e-6, what);
         for (h, w) in [(9, 8), (16, 16), (7, 11)] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, h, w), &dev).unwrap())
-                .unwrap();
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, h, w), &dev).unwrap()).unwrap();
             let fused = relu(&x).unwrap();
             let composed = x.relu().unwrap();
             close(&fused, &composed, "relu");
@@ -438,11 +438,17 @@ mod tests {
             let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
             close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "max pool grad");
         }
-        let flat = Var::from_tensor(&Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap())
-            .unwrap();
+        let flat =
+            Var::from_tensor(&Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap()).unwrap();
         let y = max_pool_3x3_s2(&flat).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
-        let g: Vec<f32> = grads.get(&flat).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f32> = grads
+            .get(&flat)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // Output windows start at rows/cols -1 and 1, so their first cells are (0|1, 0|1).
         let mut expected = vec![0f32; 16];
         for k in [0, 1, 4, 5] {
