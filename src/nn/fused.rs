@@ -1308,18 +1308,59 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// Mean and biased variance of one channel, accumulated in f64 (a channel can hold 10^5 values).
+/// Partial sums kept per lane: a single running sum is one chain of dependent adds, which
+/// neither vectorises nor overlaps its latency.
+const LANES: usize = 8;
+
+/// The sums over paired elements of `a` and `b` of the `K` terms `f` returns, in f64.
+#[inline(always)]
+fn sums<const K: usize>(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> [f64; K]) -> [f64; K] {
+    let mut acc = [[0f64; LANES]; K];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ca.remainder().iter().zip(cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..LANES {
+            let terms = f(xa[l] as f64, xb[l] as f64);
+            for k in 0..K {
+                acc[k][l] += terms[k];
+            }
+        }
+    }
+    let mut out = acc.map(|lanes| lanes.iter().sum::<f64>());
+    for (&x, &y) in tail {
+        let terms = f(x as f64, y as f64);
+        for k in 0..K {
+            out[k] += terms[k];
+        }
+    }
+    out
+}
+
+/// The sums of `f` over one channel of `[B, C, H, W]` tensors `a` and `b`.
+fn channel_sums<const K: usize>(
+    (a, b): (&[f32], &[f32]),
+    (batch, c, hw, ch): (usize, usize, usize, usize),
+    f: impl Fn(f64, f64) -> [f64; K] + Copy,
+) -> [f64; K] {
+    channel_planes(a, batch, c, hw, ch)
+        .zip(channel_planes(b, batch, c, hw, ch))
+        .map(|(pa, pb)| sums(pa, pb, f))
+        .fold([0f64; K], |mut t, s| {
+            for k in 0..K {
+                t[k] += s[k];
+            }
+            t
+        })
+}
+
+/// Mean and biased variance of one channel, accumulated in f64 (a channel can hold 10^5 values),
+/// in two passes (a one-pass E[x^2] - mean^2 cancels when the mean is large).
 fn channel_moments(x: &[f32], b: usize, c: usize, hw: usize, ch: usize) -> (f64, f64) {
     let n = (b * hw) as f64;
-    let mean = channel_planes(x, b, c, hw, ch)
-        .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
-        .sum::<f64>()
-        / n;
-    let var = channel_planes(x, b, c, hw, ch)
-        .map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
-        .sum::<f64>()
-        / n;
-    (mean, var)
+    let [sum] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
+    let mean = sum / n;
+    let [ss] = channel_sums((x, x), (b, c, hw, ch), |v, _| [(v - mean) * (v - mean)]);
+    (mean, ss / n)
 }
 
 /// `[2, C]`: each channel's mean and biased variance over batch and space (no backward: it feeds
@@ -1427,18 +1468,15 @@ impl CustomOp3 for BatchNormTrainBwd {
         let dst = Shared(out.as_mut_ptr());
         (0..c).into_par_iter().for_each(|ch| {
             simd(|| {
-                let (mean, var) = channel_moments(x, b, c, hw, ch);
-                let rstd = 1.0 / (var + self.eps).sqrt();
-                // dbias = sum g, dweight = sum g * xhat
-                let (mut sum_g, mut sum_g_xhat) = (0f64, 0f64);
-                for (xp, gp) in channel_planes(x, b, c, hw, ch).zip(channel_planes(g, b, c, hw, ch))
-                {
-                    for (&xv, &gv) in xp.iter().zip(gp) {
-                        sum_g += gv as f64;
-                        sum_g_xhat += gv as f64 * (xv as f64 - mean) * rstd;
-                    }
-                }
+                // dbias = sum g, dweight = sum g * xhat, both from the variance's pass
                 let count = (b * hw) as f64;
+                let [sum_x] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
+                let mean = sum_x / count;
+                let [ss, sum_g, sum_g_xmu] = channel_sums((x, g), (b, c, hw, ch), |xv, gv| {
+                    [(xv - mean) * (xv - mean), gv, gv * (xv - mean)]
+                });
+                let rstd = 1.0 / (ss / count + self.eps).sqrt();
+                let sum_g_xhat = sum_g_xmu * rstd;
                 // dx = w * rstd * (g - mean(g) - xhat * mean(g * xhat))
                 let k = w[ch] as f64 * rstd;
                 let (mg, mgx) = (sum_g / count, sum_g_xhat / count);
