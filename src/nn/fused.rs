@@ -123,10 +123,13 @@ impl CustomOp1 for SoftmaxLast {
         y.par_chunks_mut(step)
             .zip(x.par_chunks(step))
             .for_each(|(y, x)| {
-                simd(|| {
-                    y.copy_from_slice(x);
-                    softmax_rows(y, d);
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        y.copy_from_slice(x);
+                        softmax_rows(y, d);
+                    },
+                )
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -158,14 +161,17 @@ impl CustomOp2 for SoftmaxLastBwd {
         dx.par_chunks_mut(step)
             .zip(y.par_chunks(step).zip(g.par_chunks(step)))
             .for_each(|(dx, (y, g))| {
-                simd(|| {
-                    for ((dx, y), g) in dx.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
-                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                        for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                            *dx = y * (g - dot);
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((dx, y), g) in dx.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
+                            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                            for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                                *dx = y * (g - dot);
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
@@ -179,6 +185,7 @@ pub struct LayerNormLast {
     pub eps: f32,
 }
 
+#[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
     let mean = x.iter().sum::<f32>() / d;
@@ -216,14 +223,17 @@ impl CustomOp3 for LayerNormLast {
         y.par_chunks_mut(step)
             .zip(x.par_chunks(step))
             .for_each(|(y, x)| {
-                simd(|| {
-                    for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                        let (mean, rstd) = moments(x, eps);
-                        for i in 0..d {
-                            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                            let (mean, rstd) = moments(x, eps);
+                            for i in 0..d {
+                                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -277,29 +287,32 @@ impl CustomOp3 for LayerNormLastBwd {
             .par_chunks_mut(step)
             .zip(x.par_chunks(step).zip(g.par_chunks(step)))
             .map(|(dx, (x, g))| {
-                simd(|| {
-                    let mut acc = vec![0f32; 2 * d];
-                    let mut xhat = vec![0f32; d];
-                    let mut gw = vec![0f32; d];
-                    for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                        let (mean, rstd) = moments(x, eps);
-                        let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
-                        for i in 0..d {
-                            xhat[i] = (x[i] - mean) * rstd;
-                            gw[i] = g[i] * w[i];
-                            mean_gw += gw[i];
-                            mean_gw_xhat += gw[i] * xhat[i];
-                            acc[i] += g[i] * xhat[i];
-                            acc[d + i] += g[i];
+                simd(
+                    #[inline(always)]
+                    || {
+                        let mut acc = vec![0f32; 2 * d];
+                        let mut xhat = vec![0f32; d];
+                        let mut gw = vec![0f32; d];
+                        for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                            let (mean, rstd) = moments(x, eps);
+                            let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
+                            for i in 0..d {
+                                xhat[i] = (x[i] - mean) * rstd;
+                                gw[i] = g[i] * w[i];
+                                mean_gw += gw[i];
+                                mean_gw_xhat += gw[i] * xhat[i];
+                                acc[i] += g[i] * xhat[i];
+                                acc[d + i] += g[i];
+                            }
+                            mean_gw /= d as f32;
+                            mean_gw_xhat /= d as f32;
+                            for i in 0..d {
+                                dx[i] = rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat);
+                            }
                         }
-                        mean_gw /= d as f32;
-                        mean_gw_xhat /= d as f32;
-                        for i in 0..d {
-                            dx[i] = rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat);
-                        }
-                    }
-                    acc
-                })
+                        acc
+                    },
+                )
             })
             .collect();
         let tail = &mut out[n..];
@@ -318,6 +331,7 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 /// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7): one exp and a polynomial,
 /// branch-free apart from the sign.
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
@@ -334,11 +348,14 @@ fn gelu_erf(x: &[f32]) -> Vec<f32> {
     y.par_chunks_mut(CHUNK_ELEMS)
         .zip(x.par_chunks(CHUNK_ELEMS))
         .for_each(|(y, x)| {
-            simd(|| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-                }
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+                    }
+                },
+            )
         });
     y
 }
@@ -380,13 +397,16 @@ impl CustomOp2 for GeluErfBwd {
         dx.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS).zip(g.par_chunks(CHUNK_ELEMS)))
             .for_each(|(dx, (x, g))| {
-                simd(|| {
-                    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                        let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                        let pdf = exp_f32(-0.5 * x * x) * INV_SQRT_2PI;
-                        *dx = g * (cdf + x * pdf);
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                            let pdf = exp_f32(-0.5 * x * x) * INV_SQRT_2PI;
+                            *dx = g * (cdf + x * pdf);
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
@@ -409,11 +429,14 @@ impl CustomOp1 for Relu {
         y.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS))
             .for_each(|(y, x)| {
-                simd(|| {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x.max(0.0);
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (y, &x) in y.iter_mut().zip(x) {
+                            *y = x.max(0.0);
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -443,11 +466,14 @@ impl CustomOp2 for ReluBwd {
         dx.par_chunks_mut(CHUNK_ELEMS)
             .zip(y.par_chunks(CHUNK_ELEMS).zip(g.par_chunks(CHUNK_ELEMS)))
             .for_each(|(dx, (y, g))| {
-                simd(|| {
-                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                        *dx = if y > 0.0 { g } else { 0.0 };
-                    }
-                })
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                            *dx = if y > 0.0 { g } else { 0.0 };
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
@@ -526,15 +552,19 @@ impl Shared {
     }
 }
 
+#[inline(always)]
 fn softmax_rows(s: &mut [f32], n: usize) {
-    simd(|| {
-        for row in s.chunks_mut(n) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
-            let inv = 1.0 / row.iter().sum::<f32>();
-            row.iter_mut().for_each(|v| *v *= inv);
-        }
-    })
+    simd(
+        #[inline(always)]
+        || {
+            for row in s.chunks_mut(n) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
+                let inv = 1.0 / row.iter().sum::<f32>();
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        },
+    )
 }
 
 /// Multi-head self-attention core on the packed output of the qkv projection:
@@ -696,14 +726,17 @@ impl CustomOp2 for AttentionBwd {
                     matmul(g.n, g.dh, g.n, dv, drs, pv.t(), d_o, 1.0);
                     // dP = dO V^T, then dS = P * (dP - rowsum(dP * P)) in place
                     matmul(g.n, g.n, g.dh, dp.as_mut_ptr(), nn, d_o, v.t(), 1.0);
-                    simd(|| {
-                        for (dp, p) in dp.chunks_mut(g.n).zip(p.chunks(g.n)) {
-                            let dot: f32 = dp.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
-                            for (d, &pp) in dp.iter_mut().zip(p.iter()) {
-                                *d = pp * (*d - dot);
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for (dp, p) in dp.chunks_mut(g.n).zip(p.chunks(g.n)) {
+                                let dot: f32 = dp.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
+                                for (d, &pp) in dp.iter_mut().zip(p.iter()) {
+                                    *d = pp * (*d - dot);
+                                }
                             }
-                        }
-                    });
+                        },
+                    );
                     let ds = View {
                         ptr: dp.as_ptr(),
                         rs: nn,
@@ -1337,6 +1370,7 @@ fn sums<const K: usize>(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> [f64; K]) 
 }
 
 /// The sums of `f` over one channel of `[B, C, H, W]` tensors `a` and `b`.
+#[inline(always)]
 fn channel_sums<const K: usize>(
     (a, b): (&[f32], &[f32]),
     (batch, c, hw, ch): (usize, usize, usize, usize),
@@ -1355,6 +1389,7 @@ fn channel_sums<const K: usize>(
 
 /// Mean and biased variance of one channel, accumulated in f64 (a channel can hold 10^5 values),
 /// in two passes (a one-pass E[x^2] - mean^2 cancels when the mean is large).
+#[inline(always)]
 fn channel_moments(x: &[f32], b: usize, c: usize, hw: usize, ch: usize) -> (f64, f64) {
     let n = (b * hw) as f64;
     let [sum] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
@@ -1410,19 +1445,22 @@ impl CustomOp3 for BatchNormTrain {
         let mut y = vec![0f32; x.len()];
         let dst = Shared(y.as_mut_ptr());
         (0..c).into_par_iter().for_each(|ch| {
-            simd(|| {
-                let (mean, var) = channel_moments(x, b, c, hw, ch);
-                let scale = (w[ch] as f64 / (var + self.eps).sqrt()) as f32;
-                let shift = bias[ch] - mean as f32 * scale;
-                for i in 0..b {
-                    let off = (i * c + ch) * hw;
-                    // SAFETY: channel `ch` of each image is written by this task alone.
-                    let out = unsafe { std::slice::from_raw_parts_mut(dst.at(off), hw) };
-                    for (o, &v) in out.iter_mut().zip(&x[off..off + hw]) {
-                        *o = v * scale + shift;
+            simd(
+                #[inline(always)]
+                || {
+                    let (mean, var) = channel_moments(x, b, c, hw, ch);
+                    let scale = (w[ch] as f64 / (var + self.eps).sqrt()) as f32;
+                    let shift = bias[ch] - mean as f32 * scale;
+                    for i in 0..b {
+                        let off = (i * c + ch) * hw;
+                        // SAFETY: channel `ch` of each image is written by this task alone.
+                        let out = unsafe { std::slice::from_raw_parts_mut(dst.at(off), hw) };
+                        for (o, &v) in out.iter_mut().zip(&x[off..off + hw]) {
+                            *o = v * scale + shift;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -1467,36 +1505,39 @@ impl CustomOp3 for BatchNormTrainBwd {
         let mut out = vec![0f32; n + 2 * c];
         let dst = Shared(out.as_mut_ptr());
         (0..c).into_par_iter().for_each(|ch| {
-            simd(|| {
-                // dbias = sum g, dweight = sum g * xhat, both from the variance's pass
-                let count = (b * hw) as f64;
-                let [sum_x] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
-                let mean = sum_x / count;
-                let [ss, sum_g, sum_g_xmu] = channel_sums((x, g), (b, c, hw, ch), |xv, gv| {
-                    [(xv - mean) * (xv - mean), gv, gv * (xv - mean)]
-                });
-                let rstd = 1.0 / (ss / count + self.eps).sqrt();
-                let sum_g_xhat = sum_g_xmu * rstd;
-                // dx = w * rstd * (g - mean(g) - xhat * mean(g * xhat))
-                let k = w[ch] as f64 * rstd;
-                let (mg, mgx) = (sum_g / count, sum_g_xhat / count);
-                for i in 0..b {
-                    let off = (i * c + ch) * hw;
-                    // SAFETY: channel `ch` of each image, and slots n+ch and n+c+ch, are written by
-                    // this task alone.
-                    let dx = unsafe { std::slice::from_raw_parts_mut(dst.at(off), hw) };
-                    for ((d, &xv), &gv) in
-                        dx.iter_mut().zip(&x[off..off + hw]).zip(&g[off..off + hw])
-                    {
-                        let xhat = (xv as f64 - mean) * rstd;
-                        *d = (k * (gv as f64 - mg - xhat * mgx)) as f32;
+            simd(
+                #[inline(always)]
+                || {
+                    // dbias = sum g, dweight = sum g * xhat, both from the variance's pass
+                    let count = (b * hw) as f64;
+                    let [sum_x] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
+                    let mean = sum_x / count;
+                    let [ss, sum_g, sum_g_xmu] = channel_sums((x, g), (b, c, hw, ch), |xv, gv| {
+                        [(xv - mean) * (xv - mean), gv, gv * (xv - mean)]
+                    });
+                    let rstd = 1.0 / (ss / count + self.eps).sqrt();
+                    let sum_g_xhat = sum_g_xmu * rstd;
+                    // dx = w * rstd * (g - mean(g) - xhat * mean(g * xhat))
+                    let k = w[ch] as f64 * rstd;
+                    let (mg, mgx) = (sum_g / count, sum_g_xhat / count);
+                    for i in 0..b {
+                        let off = (i * c + ch) * hw;
+                        // SAFETY: channel `ch` of each image, and slots n+ch and n+c+ch, are written by
+                        // this task alone.
+                        let dx = unsafe { std::slice::from_raw_parts_mut(dst.at(off), hw) };
+                        for ((d, &xv), &gv) in
+                            dx.iter_mut().zip(&x[off..off + hw]).zip(&g[off..off + hw])
+                        {
+                            let xhat = (xv as f64 - mean) * rstd;
+                            *d = (k * (gv as f64 - mg - xhat * mgx)) as f32;
+                        }
                     }
-                }
-                unsafe {
-                    *dst.at(n + ch) = sum_g_xhat as f32;
-                    *dst.at(n + c + ch) = sum_g as f32;
-                }
-            })
+                    unsafe {
+                        *dst.at(n + ch) = sum_g_xhat as f32;
+                        *dst.at(n + c + ch) = sum_g as f32;
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
     }
@@ -1560,13 +1601,16 @@ impl CustomOp1 for MaxPool3x3S2 {
         y.par_chunks_mut(p.oh * p.ow)
             .zip(x.par_chunks(p.h * p.w))
             .for_each(|(y, x)| {
-                simd(|| {
-                    for i in 0..p.oh {
-                        for j in 0..p.ow {
-                            y[i * p.ow + j] = x[p.argmax(x, i, j)];
+                simd(
+                    #[inline(always)]
+                    || {
+                        for i in 0..p.oh {
+                            for j in 0..p.ow {
+                                y[i * p.ow + j] = x[p.argmax(x, i, j)];
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         let mut dims = l.dims().to_vec();
         dims[2] = p.oh;
@@ -1602,13 +1646,16 @@ impl CustomOp2 for MaxPool3x3S2Bwd {
         dx.par_chunks_mut(p.h * p.w)
             .zip(x.par_chunks(p.h * p.w).zip(g.par_chunks(p.oh * p.ow)))
             .for_each(|(dx, (x, g))| {
-                simd(|| {
-                    for i in 0..p.oh {
-                        for j in 0..p.ow {
-                            dx[p.argmax(x, i, j)] += g[i * p.ow + j];
+                simd(
+                    #[inline(always)]
+                    || {
+                        for i in 0..p.oh {
+                            for j in 0..p.ow {
+                                dx[p.argmax(x, i, j)] += g[i * p.ow + j];
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }

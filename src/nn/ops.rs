@@ -239,6 +239,25 @@ mod tests {
         assert!(crate::nn::fused::exp_f32(f32::NAN).is_nan());
     }
 
+    /// `fused::simd` may run a kernel compiled for AVX2; the cache relies on that changing no bit.
+    #[test]
+    fn simd_kernels_are_bit_identical_to_the_baseline() {
+        use crate::nn::fused::{erf, exp_f32, simd};
+        let xs: Vec<f32> = (0..10_000).map(|i| (i as f32 - 5_000.0) * 0.0173).collect();
+        #[inline(always)]
+        fn kernel(x: &[f32]) -> Vec<u32> {
+            x.iter()
+                .map(|&v| (exp_f32(v) * 0.5 + erf(v) * v).to_bits())
+                .collect()
+        }
+        let baseline = kernel(&xs);
+        let dispatched = simd(
+            #[inline(always)]
+            || kernel(&xs),
+        );
+        assert_eq!(baseline, dispatched);
+    }
+
     fn numeric_grad(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &[f32], shape: &[usize]) -> Vec<f32> {
         let h = 1e-3f32;
         (0..x.len())
