@@ -105,6 +105,41 @@ pub fn simd<R>(kernel: impl FnOnce() -> R) -> R {
     kernel()
 }
 
+/// `out = f(a)` chunk by chunk: chunks of `step` elements in parallel, each through `simd`
+/// (`step` a multiple of the row length keeps rows whole). `f` must be `#[inline(always)]`.
+#[inline(always)]
+fn map_chunks(a: &[f32], step: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(step)
+        .zip(a.par_chunks(step))
+        .for_each(|(o, a)| {
+            simd(
+                #[inline(always)]
+                || f(o, a),
+            )
+        });
+    out
+}
+
+/// `out = f(a, b)` chunk by chunk, as `map_chunks`.
+#[inline(always)]
+fn map_chunks2(
+    (a, b): (&[f32], &[f32]),
+    step: usize,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(step)
+        .zip(a.par_chunks(step).zip(b.par_chunks(step)))
+        .for_each(|(o, (a, b))| {
+            simd(
+                #[inline(always)]
+                || f(o, a, b),
+            )
+        });
+    out
+}
+
 // ---------------------------------------------------------------------------------- softmax
 
 /// Softmax over the last dimension.
@@ -118,19 +153,15 @@ impl CustomOp1 for SoftmaxLast {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
         let d = last_dim(l);
-        let mut y = vec![0f32; x.len()];
-        let step = rows_per_chunk(d) * d;
-        y.par_chunks_mut(step)
-            .zip(x.par_chunks(step))
-            .for_each(|(y, x)| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        y.copy_from_slice(x);
-                        softmax_rows(y, d);
-                    },
-                )
-            });
+        let y = map_chunks(
+            x,
+            rows_per_chunk(d) * d,
+            #[inline(always)]
+            |y, x| {
+                y.copy_from_slice(x);
+                softmax_rows(y, d);
+            },
+        );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -156,23 +187,19 @@ impl CustomOp2 for SoftmaxLastBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (slice(ys, yl, self.name())?, slice(gs, gl, self.name())?);
         let d = last_dim(yl);
-        let mut dx = vec![0f32; y.len()];
-        let step = rows_per_chunk(d) * d;
-        dx.par_chunks_mut(step)
-            .zip(y.par_chunks(step).zip(g.par_chunks(step)))
-            .for_each(|(dx, (y, g))| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        for ((dx, y), g) in dx.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
-                            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                            for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                                *dx = y * (g - dot);
-                            }
-                        }
-                    },
-                )
-            });
+        let dx = map_chunks2(
+            (y, g),
+            rows_per_chunk(d) * d,
+            #[inline(always)]
+            |dx, y, g| {
+                for ((dx, y), g) in dx.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
+                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                        *dx = y * (g - dot);
+                    }
+                }
+            },
+        );
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
 }
@@ -344,20 +371,16 @@ pub fn erf(x: f32) -> f32 {
 
 /// GELU(x) = x/2 (1 + erf(x / sqrt 2)) of every element, in parallel chunks.
 fn gelu_erf(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(CHUNK_ELEMS)
-        .zip(x.par_chunks(CHUNK_ELEMS))
-        .for_each(|(y, x)| {
-            simd(
-                #[inline(always)]
-                || {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-                    }
-                },
-            )
-        });
-    y
+    map_chunks(
+        x,
+        CHUNK_ELEMS,
+        #[inline(always)]
+        |y, x| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+            }
+        },
+    )
 }
 
 /// GELU with the exact (erf) form, as torch's `F.gelu` default and timm's MLP use.
@@ -393,21 +416,18 @@ impl CustomOp2 for GeluErfBwd {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(xs, xl, self.name())?, slice(gs, gl, self.name())?);
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(CHUNK_ELEMS)
-            .zip(x.par_chunks(CHUNK_ELEMS).zip(g.par_chunks(CHUNK_ELEMS)))
-            .for_each(|(dx, (x, g))| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                            let pdf = exp_f32(-0.5 * x * x) * INV_SQRT_2PI;
-                            *dx = g * (cdf + x * pdf);
-                        }
-                    },
-                )
-            });
+        let dx = map_chunks2(
+            (x, g),
+            CHUNK_ELEMS,
+            #[inline(always)]
+            |dx, x, g| {
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                    let pdf = exp_f32(-0.5 * x * x) * INV_SQRT_2PI;
+                    *dx = g * (cdf + x * pdf);
+                }
+            },
+        );
         Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
@@ -425,19 +445,16 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK_ELEMS)
-            .zip(x.par_chunks(CHUNK_ELEMS))
-            .for_each(|(y, x)| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            *y = x.max(0.0);
-                        }
-                    },
-                )
-            });
+        let y = map_chunks(
+            x,
+            CHUNK_ELEMS,
+            #[inline(always)]
+            |y, x| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x.max(0.0);
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -462,19 +479,16 @@ impl CustomOp2 for ReluBwd {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (y, g) = (slice(ys, yl, self.name())?, slice(gs, gl, self.name())?);
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(CHUNK_ELEMS)
-            .zip(y.par_chunks(CHUNK_ELEMS).zip(g.par_chunks(CHUNK_ELEMS)))
-            .for_each(|(dx, (y, g))| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                            *dx = if y > 0.0 { g } else { 0.0 };
-                        }
-                    },
-                )
-            });
+        let dx = map_chunks2(
+            (y, g),
+            CHUNK_ELEMS,
+            #[inline(always)]
+            |dx, y, g| {
+                for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                    *dx = if y > 0.0 { g } else { 0.0 };
+                }
+            },
+        );
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
 }
