@@ -244,24 +244,20 @@ impl CustomOp3 for LayerNormLast {
                 w.len()
             );
         }
-        let mut y = vec![0f32; x.len()];
-        let step = rows_per_chunk(d) * d;
         let eps = self.eps;
-        y.par_chunks_mut(step)
-            .zip(x.par_chunks(step))
-            .for_each(|(y, x)| {
-                simd(
-                    #[inline(always)]
-                    || {
-                        for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                            let (mean, rstd) = moments(x, eps);
-                            for i in 0..d {
-                                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                            }
-                        }
-                    },
-                )
-            });
+        let y = map_chunks(
+            x,
+            rows_per_chunk(d) * d,
+            #[inline(always)]
+            |y, x| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let (mean, rstd) = moments(x, eps);
+                    for i in 0..d {
+                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -1405,11 +1401,15 @@ fn channel_sums<const K: usize>(
 /// in two passes (a one-pass E[x^2] - mean^2 cancels when the mean is large).
 #[inline(always)]
 fn channel_moments(x: &[f32], b: usize, c: usize, hw: usize, ch: usize) -> (f64, f64) {
-    let n = (b * hw) as f64;
-    let [sum] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
-    let mean = sum / n;
+    let mean = channel_mean(x, b, c, hw, ch);
     let [ss] = channel_sums((x, x), (b, c, hw, ch), |v, _| [(v - mean) * (v - mean)]);
-    (mean, ss / n)
+    (mean, ss / (b * hw) as f64)
+}
+
+#[inline(always)]
+fn channel_mean(x: &[f32], b: usize, c: usize, hw: usize, ch: usize) -> f64 {
+    let [sum] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
+    sum / (b * hw) as f64
 }
 
 /// `[2, C]`: each channel's mean and biased variance over batch and space (no backward: it feeds
@@ -1524,8 +1524,7 @@ impl CustomOp3 for BatchNormTrainBwd {
                 || {
                     // dbias = sum g, dweight = sum g * xhat, both from the variance's pass
                     let count = (b * hw) as f64;
-                    let [sum_x] = channel_sums((x, x), (b, c, hw, ch), |v, _| [v]);
-                    let mean = sum_x / count;
+                    let mean = channel_mean(x, b, c, hw, ch);
                     let [ss, sum_g, sum_g_xmu] = channel_sums((x, g), (b, c, hw, ch), |xv, gv| {
                         [(xv - mean) * (xv - mean), gv, gv * (xv - mean)]
                     });
