@@ -140,6 +140,59 @@ fn map_chunks2(
     out
 }
 
+// ------------------------------------------------------------------------------------- sums
+
+/// Partial sums kept per lane: a single running sum is one chain of dependent adds, which
+/// neither vectorises nor overlaps its latency.
+const LANES: usize = 8;
+
+/// The sums over paired elements of `a` and `b` of the `K` terms `f` returns, accumulated in `T`
+/// (f32 for rows of a few hundred values, f64 for BatchNorm's channels of up to 10^5). The lanes
+/// are added in a fixed order, so the result does not depend on the thread count either.
+#[inline(always)]
+fn sums<T, const K: usize>(a: &[f32], b: &[f32], f: impl Fn(T, T) -> [T; K]) -> [T; K]
+where
+    T: Copy + Default + std::ops::AddAssign + std::iter::Sum + From<f32>,
+{
+    let mut acc = [[T::default(); LANES]; K];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ca.remainder().iter().zip(cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..LANES {
+            let terms = f(T::from(xa[l]), T::from(xb[l]));
+            for k in 0..K {
+                acc[k][l] += terms[k];
+            }
+        }
+    }
+    let mut out = acc.map(|lanes| lanes.into_iter().sum::<T>());
+    for (&x, &y) in tail {
+        let terms = f(T::from(x), T::from(y));
+        for k in 0..K {
+            out[k] += terms[k];
+        }
+    }
+    out
+}
+
+/// The largest element (negative infinity for an empty slice), in lanes like `sums`; the
+/// maximum does not depend on the order, so this only changes the speed.
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    tail.iter()
+        .chain(&acc)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
 // ---------------------------------------------------------------------------------- softmax
 
 /// Softmax over the last dimension.
@@ -193,7 +246,7 @@ impl CustomOp2 for SoftmaxLastBwd {
             #[inline(always)]
             |dx, y, g| {
                 for ((dx, y), g) in dx.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
-                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    let [dot] = sums(y, g, |y: f32, g| [y * g]);
                     for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
                         *dx = y * (g - dot);
                     }
@@ -215,9 +268,10 @@ pub struct LayerNormLast {
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / d;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
-    (mean, 1.0 / (var + eps).sqrt())
+    let [sum] = sums(x, x, |v: f32, _| [v]);
+    let mean = sum / d;
+    let [ss] = sums(x, x, |v: f32, _| [(v - mean) * (v - mean)]);
+    (mean, 1.0 / (ss / d + eps).sqrt())
 }
 
 impl CustomOp3 for LayerNormLast {
@@ -252,8 +306,10 @@ impl CustomOp3 for LayerNormLast {
             |y, x| {
                 for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
                     let (mean, rstd) = moments(x, eps);
-                    for i in 0..d {
-                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                    // Zipped rather than indexed: with `w[i]` the bounds checks reload the
+                    // captured slices' lengths every element and the loop stays scalar.
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (x - mean) * rstd * w + b;
                     }
                 }
             },
@@ -318,19 +374,22 @@ impl CustomOp3 for LayerNormLastBwd {
                         let mut gw = vec![0f32; d];
                         for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
                             let (mean, rstd) = moments(x, eps);
-                            let (mut mean_gw, mut mean_gw_xhat) = (0f32, 0f32);
-                            for i in 0..d {
-                                xhat[i] = (x[i] - mean) * rstd;
-                                gw[i] = g[i] * w[i];
-                                mean_gw += gw[i];
-                                mean_gw_xhat += gw[i] * xhat[i];
-                                acc[i] += g[i] * xhat[i];
-                                acc[d + i] += g[i];
+                            let (dw, db) = acc.split_at_mut(d);
+                            let terms = xhat.iter_mut().zip(gw.iter_mut()).zip(dw.iter_mut());
+                            for ((((xhat, gw), dw), db), ((&x, &g), &w)) in
+                                terms.zip(db.iter_mut()).zip(x.iter().zip(g).zip(w))
+                            {
+                                *xhat = (x - mean) * rstd;
+                                *gw = g * w;
+                                *dw += g * *xhat;
+                                *db += g;
                             }
-                            mean_gw /= d as f32;
-                            mean_gw_xhat /= d as f32;
-                            for i in 0..d {
-                                dx[i] = rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat);
+                            let [sum_gw, sum_gw_xhat] =
+                                sums(&gw, &xhat, |gw: f32, xhat| [gw, gw * xhat]);
+                            let mean_gw = sum_gw / d as f32;
+                            let mean_gw_xhat = sum_gw_xhat / d as f32;
+                            for ((dx, &gw), &xhat) in dx.iter_mut().zip(&gw).zip(&xhat) {
+                                *dx = rstd * (gw - mean_gw - xhat * mean_gw_xhat);
                             }
                         }
                         acc
@@ -568,9 +627,10 @@ fn softmax_rows(s: &mut [f32], n: usize) {
         #[inline(always)]
         || {
             for row in s.chunks_mut(n) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = max_of(row);
                 row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
-                let inv = 1.0 / row.iter().sum::<f32>();
+                let [sum] = sums(row, row, |v: f32, _| [v]);
+                let inv = 1.0 / sum;
                 row.iter_mut().for_each(|v| *v *= inv);
             }
         },
@@ -740,7 +800,7 @@ impl CustomOp2 for AttentionBwd {
                         #[inline(always)]
                         || {
                             for (dp, p) in dp.chunks_mut(g.n).zip(p.chunks(g.n)) {
-                                let dot: f32 = dp.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
+                                let [dot] = sums(dp, p, |dp: f32, p| [dp * p]);
                                 for (d, &pp) in dp.iter_mut().zip(p.iter()) {
                                     *d = pp * (*d - dot);
                                 }
@@ -1349,34 +1409,6 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
         &[b, c, h, w] => Ok((b, c, h * w)),
         d => candle_core::bail!("batch norm: expected [B, C, H, W], got {d:?}"),
     }
-}
-
-/// Partial sums kept per lane: a single running sum is one chain of dependent adds, which
-/// neither vectorises nor overlaps its latency.
-const LANES: usize = 8;
-
-/// The sums over paired elements of `a` and `b` of the `K` terms `f` returns, in f64.
-#[inline(always)]
-fn sums<const K: usize>(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> [f64; K]) -> [f64; K] {
-    let mut acc = [[0f64; LANES]; K];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail = ca.remainder().iter().zip(cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for l in 0..LANES {
-            let terms = f(xa[l] as f64, xb[l] as f64);
-            for k in 0..K {
-                acc[k][l] += terms[k];
-            }
-        }
-    }
-    let mut out = acc.map(|lanes| lanes.iter().sum::<f64>());
-    for (&x, &y) in tail {
-        let terms = f(x as f64, y as f64);
-        for k in 0..K {
-            out[k] += terms[k];
-        }
-    }
-    out
 }
 
 /// The sums of `f` over one channel of `[B, C, H, W]` tensors `a` and `b`.
