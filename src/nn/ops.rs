@@ -502,6 +502,17 @@ mod tests {
         for (v, what) in [(&x, "dx"), (&w, "dweight"), (&b, "dbias")] {
             close(gf.get(v).unwrap(), gc.get(v).unwrap(), what);
         }
+        // An input that needs no gradient (the patch embedding's image) gets none, and the
+        // parameters' gradients are the same.
+        let image = x.as_tensor().detach();
+        let g_image = pull(&lin.forward(&image).unwrap(), &up);
+        assert!(
+            g_image.get(&image).is_none(),
+            "no gradient for a constant input"
+        );
+        for (v, what) in [(&w, "dweight"), (&b, "dbias")] {
+            assert_close(g_image.get(v).unwrap(), gf.get(v).unwrap(), 0.0, what);
+        }
     }
 
     /// Linear + GELU in one kernel against the two candle ops it replaces (x w^T + b, then
