@@ -474,6 +474,32 @@ mod tests {
             expected[k] = 1.0;
         }
         assert_eq!(g, expected);
+
+        // A NaN wins its windows, forward and backward, as in torch; -inf stays -inf.
+        let mut cells = vec![f32::NEG_INFINITY; 9];
+        cells[4] = f32::NAN;
+        cells[8] = 2.0;
+        let odd = Var::from_tensor(&Tensor::from_vec(cells, (1, 1, 3, 3), &dev).unwrap()).unwrap();
+        let y = max_pool_3x3_s2(&odd).unwrap();
+        let ys: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(ys.iter().all(|v| v.is_nan()), "{ys:?}");
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = grads
+            .get(&odd)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(g[4], 4.0, "{g:?}");
+        let low = Tensor::full(f32::NEG_INFINITY, (1, 1, 3, 3), &dev).unwrap();
+        let y: Vec<f32> = max_pool_3x3_s2(&low)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(y.iter().all(|v| *v == f32::NEG_INFINITY), "{y:?}");
     }
 
     /// Input, weight and bias as variables, an upstream gradient, and the layer over them.
