@@ -580,14 +580,14 @@ impl View {
     }
 }
 
-/// dst[m x n] = scale * lhs[m x k] * rhs[k x n], on the calling thread.
+/// dst[m x n] (row stride `dst_rs`) = scale * lhs[m x k] * rhs[k x n] on `parallelism`'s
+/// threads. gemm writes every element of dst without reading it, so dst may be uninitialised.
 ///
 /// # Safety
 /// Every view must address valid memory for its shape; `dst` must not overlap the inputs.
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
+unsafe fn gemm_into(
+    parallelism: gemm::Parallelism,
+    (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: isize,
     lhs: View,
@@ -613,7 +613,32 @@ unsafe fn matmul(
         false,
         false,
         false,
+        parallelism,
+    )
+}
+
+/// `gemm_into` on the calling thread.
+///
+/// # Safety
+/// As `gemm_into`.
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: View,
+    rhs: View,
+    scale: f32,
+) {
+    gemm_into(
         gemm::Parallelism::None,
+        (m, n, k),
+        dst,
+        dst_rs,
+        lhs,
+        rhs,
+        scale,
     )
 }
 
@@ -875,26 +900,14 @@ fn linear_without_bias<'a>(
     // every one of y's rows x out elements without reading any, so they are initialised when the
     // length is set.
     unsafe {
-        gemm::gemm(
-            rows,
-            out,
-            inp,
-            y.as_mut_ptr(),
-            1,
-            out as isize,
-            false,
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.as_ptr(),
-            inp as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
+        gemm_into(
             threads(),
+            (rows, out, inp),
+            y.as_mut_ptr(),
+            out as isize,
+            row_major(x, inp),
+            row_major(w, inp).t(),
+            1.0,
         );
         y.set_len(rows * out);
     }
@@ -1056,51 +1069,27 @@ impl CustomOp3 for LinearLastBwd {
         // SAFETY: g is rows x out, w is out x inp, x is rows x inp; dx (when there is one) is
         // rows x inp and disjoint from dw.
         unsafe {
-            // dx = g w
             if self.need_dx {
-                gemm::gemm(
-                    rows,
-                    inp,
-                    out,
-                    dx.as_mut_ptr(),
-                    1,
-                    inp as isize,
-                    false,
-                    g.as_ptr(),
-                    1,
-                    out as isize,
-                    w.as_ptr(),
-                    1,
-                    inp as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                // dx = g w
+                gemm_into(
                     threads(),
+                    (rows, inp, out),
+                    dx.as_mut_ptr(),
+                    inp as isize,
+                    row_major(g, out),
+                    row_major(w, inp),
+                    1.0,
                 );
             }
             // dw = g^T x
-            gemm::gemm(
-                out,
-                inp,
-                rows,
-                dw.as_mut_ptr(),
-                1,
-                inp as isize,
-                false,
-                g.as_ptr(),
-                out as isize,
-                1,
-                x.as_ptr(),
-                1,
-                inp as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            gemm_into(
                 threads(),
+                (out, inp, rows),
+                dw.as_mut_ptr(),
+                inp as isize,
+                row_major(g, out).t(),
+                row_major(x, inp),
+                1.0,
             );
         }
         // db = column sums of g, chunk partials summed in chunk order.
