@@ -172,7 +172,9 @@ mod tests {
             (4, 6, 3, 2, 1, 8),
             (6, 3, 1, 2, 0, 7),
         ] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, c, size, size), &dev).unwrap())
+            // 19 images: the weight gradient's 8 batch chunks then hold 3 images side by side,
+            // and the last chunk one.
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {
                 weight: Var::from_tensor(&Tensor::randn(0f32, 0.5, (o, c, k, k), &dev).unwrap())
