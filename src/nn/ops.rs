@@ -457,48 +457,37 @@ mod tests {
             let (gf, gc) = (pull(&fused, &up), pull(&composed, &up));
             close(gf.get(&x).unwrap(), gc.get(&x).unwrap(), "max pool grad");
         }
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The gradient of the pooled values' sum: 1 for each window on the cell it picked.
+        let picks = |x: &Var| {
+            let grads = max_pool_3x3_s2(x)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            values(grads.get(x).unwrap())
+        };
         let flat =
             Var::from_tensor(&Tensor::zeros((1, 1, 4, 4), DType::F32, &dev).unwrap()).unwrap();
-        let y = max_pool_3x3_s2(&flat).unwrap();
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        let g: Vec<f32> = grads
-            .get(&flat)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
         // Output windows start at rows/cols -1 and 1, so their first cells are (0|1, 0|1).
         let mut expected = vec![0f32; 16];
         for k in [0, 1, 4, 5] {
             expected[k] = 1.0;
         }
-        assert_eq!(g, expected);
+        assert_eq!(picks(&flat), expected);
 
         // A NaN wins its windows, forward and backward, as in torch; -inf stays -inf.
         let mut cells = vec![f32::NEG_INFINITY; 9];
         cells[4] = f32::NAN;
         cells[8] = 2.0;
         let odd = Var::from_tensor(&Tensor::from_vec(cells, (1, 1, 3, 3), &dev).unwrap()).unwrap();
-        let y = max_pool_3x3_s2(&odd).unwrap();
-        let ys: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let ys = values(&max_pool_3x3_s2(&odd).unwrap());
         assert!(ys.iter().all(|v| v.is_nan()), "{ys:?}");
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        let g: Vec<f32> = grads
-            .get(&odd)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let g = picks(&odd);
         assert_eq!(g[4], 4.0, "{g:?}");
         let low = Tensor::full(f32::NEG_INFINITY, (1, 1, 3, 3), &dev).unwrap();
-        let y: Vec<f32> = max_pool_3x3_s2(&low)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y = values(&max_pool_3x3_s2(&low).unwrap());
         assert!(y.iter().all(|v| *v == f32::NEG_INFINITY), "{y:?}");
     }
 
