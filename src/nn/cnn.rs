@@ -171,9 +171,13 @@ mod tests {
             (3, 5, 3, 1, 1, 9),
             (4, 6, 3, 2, 1, 8),
             (6, 3, 1, 2, 0, 7),
+            (2, 3, 3, 1, 1, 17),
+            (2, 3, 3, 1, 2, 3),
         ] {
-            // 19 images: the weight gradient's 8 batch chunks then hold 3 images side by side,
-            // and the last chunk one.
+            // 19 images: the weight gradient's GEMMs take them 4 to 16 at a time (256 positions
+            // over 81 to 16 per image), a smaller group last; the 17 px row takes one image per
+            // GEMM and sums 3 per batch chunk. The 3 px row pads by 2 on every side, so some
+            // column rows are all padding.
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {
