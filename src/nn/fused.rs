@@ -580,8 +580,22 @@ struct View {
     rs: isize,
     cs: isize,
 }
+// SAFETY: a view is only read through, and the functions that take one require its memory to
+// stay valid for the call, which is all the parallel tasks sharing it live for.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
 
 impl View {
+    /// The view from row `row` on.
+    ///
+    /// # Safety
+    /// The row must lie inside the matrix.
+    unsafe fn from_row(self, row: usize) -> View {
+        View {
+            ptr: self.ptr.offset(row as isize * self.rs),
+            ..self
+        }
+    }
     fn t(self) -> View {
         View {
             ptr: self.ptr,
@@ -626,6 +640,48 @@ unsafe fn gemm_into(
         false,
         parallelism,
     )
+}
+
+/// Rows of the left operand per task in `gemm_by_rows`.
+const GEMM_ROWS: usize = 256;
+
+/// `gemm_into` with lhs's rows cut into blocks of `GEMM_ROWS`, one single-threaded GEMM per
+/// block on rayon's pool. For the linear layers' tall products (6304 rows in a ViT-Tiny batch
+/// at 224 px) this measured 15-35% faster on 2 cores than the `gemm` crate's own
+/// `Parallelism::Rayon(2)` (best of 15: qkv 12.3 -> 9.5 ms, its dx 17.4 -> 11.2 ms), which
+/// splits the work into fewer, larger pieces. A block's arithmetic does not depend on the
+/// thread count.
+///
+/// # Safety
+/// As `gemm_into`.
+unsafe fn gemm_by_rows(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: View,
+    rhs: View,
+) {
+    let dst = Shared(dst);
+    (0..m.div_ceil(GEMM_ROWS))
+        .into_par_iter()
+        .for_each(|block| {
+            let first = block * GEMM_ROWS;
+            let rows = GEMM_ROWS.min(m - first);
+            // SAFETY: the blocks write disjoint rows of dst, and row `first` lies inside lhs's m
+            // rows; the caller vouches for the views.
+            unsafe {
+                matmul(
+                    rows,
+                    n,
+                    k,
+                    dst.at(first * dst_rs as usize),
+                    dst_rs,
+                    lhs.from_row(first),
+                    rhs,
+                    1.0,
+                )
+            }
+        });
 }
 
 /// `gemm_into` on the calling thread.
@@ -911,14 +967,12 @@ fn linear_without_bias<'a>(
     // every one of y's rows x out elements without reading any, so they are initialised when the
     // length is set.
     unsafe {
-        gemm_into(
-            threads(),
+        gemm_by_rows(
             (rows, out, inp),
             y.as_mut_ptr(),
             out as isize,
             row_major(x, inp),
             row_major(w, inp).t(),
-            1.0,
         );
         y.set_len(rows * out);
     }
@@ -1082,14 +1136,12 @@ impl CustomOp3 for LinearLastBwd {
         unsafe {
             if self.need_dx {
                 // dx = g w
-                gemm_into(
-                    threads(),
+                gemm_by_rows(
                     (rows, inp, out),
                     dx.as_mut_ptr(),
                     inp as isize,
                     row_major(g, out),
                     row_major(w, inp),
-                    1.0,
                 );
             }
             // dw = g^T x
