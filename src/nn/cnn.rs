@@ -162,7 +162,8 @@ mod tests {
     }
 
     /// The fused convolution against candle's: output, weight gradient and input gradient, for
-    /// the shapes ResNet uses (7x7/2 stem, 3x3 with and without stride, 1x1/2 shortcut).
+    /// the shapes ResNet and DenseNet use (7x7/2 stem, 3x3 with and without stride, 1x1/2
+    /// shortcut, 1x1/1 bottleneck).
     #[test]
     fn fused_conv_matches_candle() {
         let dev = Device::Cpu;
@@ -173,11 +174,14 @@ mod tests {
             (6, 3, 1, 2, 0, 7),
             (2, 3, 3, 1, 1, 17),
             (2, 3, 3, 1, 2, 3),
+            (3, 4, 1, 1, 0, 16),
+            (5, 4, 1, 1, 0, 6),
         ] {
             // 19 images: the weight gradient's GEMMs take them 4 to 16 at a time (256 positions
             // over 81 to 16 per image), a smaller group last; the 17 px row takes one image per
             // GEMM and sums 3 per batch chunk. The 3 px row pads by 2 on every side, so some
-            // column rows are all padding.
+            // column rows are all padding. The 1x1 rows use the image as its own column
+            // matrix, except in the 6 px row's grouped weight gradient.
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {

@@ -1249,6 +1249,29 @@ impl ConvGeometry {
         self.o * self.positions()
     }
 
+    /// A 1x1 convolution with stride 1 and no padding (DenseNet's bottlenecks and
+    /// transitions): its column matrix is the image itself.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
+    /// Length of one image's column matrix, none where the image serves as its own.
+    fn cols_len(&self) -> usize {
+        if self.pointwise() {
+            0
+        } else {
+            self.ckk() * self.positions()
+        }
+    }
+    /// One image's column matrix (rows `positions()` apart): the image itself for a pointwise
+    /// convolution, else `cols` filled by `im2col`.
+    fn columns<'a>(&self, image: &'a [f32], cols: &'a mut [f32]) -> &'a [f32] {
+        if self.pointwise() {
+            return image;
+        }
+        self.im2col(image, cols, self.positions());
+        cols
+    }
+
     /// The outputs `o < outputs` whose input index `o*stride + offset - padding` lies in
     /// `0..len`: one contiguous run, so the copies below need no test per element.
     fn inside(&self, offset: usize, outputs: usize, len: usize) -> Range<usize> {
@@ -1397,18 +1420,11 @@ impl CustomOp2 for Conv2d {
         y.par_chunks_mut(g.output_len())
             .zip(x.par_chunks(g.image_len()))
             .for_each_init(
-                || vec![0f32; ckk * n],
+                || vec![0f32; g.cols_len()],
                 |cols, (y, image)| {
-                    g.im2col(image, cols, n);
+                    let cols = row_major(g.columns(image, cols), n);
                     // y[O, N] = W[O, CKK] cols[CKK, N]
-                    conv_gemm(
-                        (g.o, n, ckk),
-                        y,
-                        n,
-                        false,
-                        row_major(w, ckk),
-                        row_major(cols, n),
-                    );
+                    conv_gemm((g.o, n, ckk), y, n, false, row_major(w, ckk), cols);
                 },
             );
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.o, g.oh, g.ow))))
@@ -1486,26 +1502,28 @@ impl CustomOp2 for Conv2dWeightGrad {
             .zip(grad.par_chunks(per_chunk * g.output_len()))
             .map(|(images, grads)| {
                 let mut dw = vec![0f32; g.o * ckk];
-                let mut cols = vec![0f32; ckk * ld];
+                let mut cols = vec![0f32; if group == 1 { g.cols_len() } else { ckk * ld }];
                 let mut gathered = vec![0f32; if group == 1 { 0 } else { g.o * ld }];
                 for (t, (images, grads)) in images
                     .chunks(group * g.image_len())
                     .zip(grads.chunks(group * g.output_len()))
                     .enumerate()
                 {
-                    for (i, image) in images.chunks(g.image_len()).enumerate() {
-                        g.im2col(image, &mut cols[i * n..], ld);
-                    }
-                    let gy = if group == 1 {
-                        row_major(grads, n)
+                    let (cols, gy) = if group == 1 {
+                        (
+                            row_major(g.columns(images, &mut cols), n),
+                            row_major(grads, n),
+                        )
                     } else {
+                        for (i, image) in images.chunks(g.image_len()).enumerate() {
+                            g.im2col(image, &mut cols[i * n..], ld);
+                        }
                         side_by_side(grads, g.o, n, &mut gathered, ld);
-                        row_major(&gathered, ld)
+                        (row_major(&cols, ld), row_major(&gathered, ld))
                     };
                     // dW[O, CKK] += g[O, images * N] cols^T[images * N, CKK]
                     let width = images.len() / g.image_len() * n;
-                    let cols = row_major(&cols, ld).t();
-                    conv_gemm((g.o, ckk, width), &mut dw, ckk, t > 0, gy, cols);
+                    conv_gemm((g.o, ckk, width), &mut dw, ckk, t > 0, gy, cols.t());
                 }
                 dw
             })
@@ -1548,12 +1566,16 @@ impl CustomOp2 for Conv2dInputGrad {
         dx.par_chunks_mut(g.image_len())
             .zip(grad.par_chunks(g.output_len()))
             .for_each_init(
-                || vec![0f32; ckk * n],
+                || vec![0f32; g.cols_len()],
                 |dcols, (image, gy)| {
                     // dcols[CKK, N] = W^T[CKK, O] g[O, N]
-                    let wt = row_major(w, ckk).t();
-                    conv_gemm((ckk, n, g.o), dcols, n, false, wt, row_major(gy, n));
-                    g.col2im(dcols, n, image);
+                    let (wt, gy) = (row_major(w, ckk).t(), row_major(gy, n));
+                    if g.pointwise() {
+                        conv_gemm((ckk, n, g.o), image, n, false, wt, gy);
+                    } else {
+                        conv_gemm((ckk, n, g.o), dcols, n, false, wt, gy);
+                        g.col2im(dcols, n, image);
+                    }
                 },
             );
         Ok((CpuStorage::F32(dx), Shape::from(self.input.clone())))
