@@ -1344,6 +1344,18 @@ impl ConvGeometry {
 /// See `ConvGeometry::group`.
 const GEMM_POSITIONS: usize = 256;
 
+/// The transpose of a row-major matrix with rows of `cols` values.
+fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
+    let rows = m.len() / cols.max(1);
+    let mut t = vec![0f32; m.len()];
+    for (r, row) in m.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
+}
+
 /// `[images, rows, n]` to `[rows, images * n]` with rows `ld` apart: a group's gradient as
 /// its GEMM reads it.
 fn side_by_side(images: &[f32], rows: usize, n: usize, out: &mut [f32], ld: usize) {
@@ -1463,8 +1475,8 @@ impl CustomOp2 for Conv2d {
 }
 
 /// dW = sum over images of g[O, N] cols[CKK, N]^T, one GEMM per group of images (see
-/// `ConvGeometry::group`; transposed for few channels, see `TRANSPOSED_DW_BELOW`), in a fixed number of batch chunks summed in order (the same result
-/// whatever the thread count).
+/// `ConvGeometry::group`; transposed for few channels, see `TRANSPOSED_DW_BELOW`), in a fixed
+/// number of batch chunks summed in order (the same result whatever the thread count).
 struct Conv2dWeightGrad {
     stride: usize,
     padding: usize,
@@ -1504,7 +1516,10 @@ impl CustomOp2 for Conv2dWeightGrad {
         let (n, ckk, group) = (g.positions(), g.ckk(), g.group());
         let ld = group * n;
         let transposed = g.o < TRANSPOSED_DW_BELOW;
-        let per_chunk = g.b.div_ceil(CONV_GRAD_CHUNKS).next_multiple_of(group);
+        let per_chunk =
+            g.b.div_ceil(CONV_GRAD_CHUNKS)
+                .max(1)
+                .next_multiple_of(group);
         let partials: Vec<Vec<f32>> = x
             .par_chunks(per_chunk * g.image_len())
             .zip(grad.par_chunks(per_chunk * g.output_len()))
@@ -1546,13 +1561,7 @@ impl CustomOp2 for Conv2dWeightGrad {
             sum.iter_mut().zip(p).for_each(|(d, v)| *d += v);
         }
         let dw = if transposed {
-            let mut dw = vec![0f32; g.o * ckk];
-            for (r, row) in sum.chunks_exact(g.o).enumerate() {
-                for (o, &v) in row.iter().enumerate() {
-                    dw[o * ckk + r] = v;
-                }
-            }
-            dw
+            transpose(&sum, g.o)
         } else {
             sum
         };
@@ -1589,12 +1598,7 @@ impl CustomOp2 for Conv2dInputGrad {
         // W^T as a row-major copy: read through a transposed view, gemm ran this product at
         // 29-42 GFLOP/s on one thread, from the copy at 38-66 (best of 10, ResNet's layer3 and
         // layer4 and DenseNet's growth shapes); the copy is once per call, the GEMMs per image.
-        let mut wt = vec![0f32; w.len()];
-        for (o, row) in w.chunks_exact(ckk).enumerate() {
-            for (r, &v) in row.iter().enumerate() {
-                wt[r * g.o + o] = v;
-            }
-        }
+        let wt = transpose(w, ckk);
         let mut dx = vec![0f32; g.b * g.image_len()];
         dx.par_chunks_mut(g.image_len())
             .zip(grad.par_chunks(g.output_len()))
