@@ -590,7 +590,7 @@ impl View {
     ///
     /// # Safety
     /// The row must lie inside the matrix.
-    unsafe fn from_row(self, row: usize) -> View {
+    unsafe fn rows_from(self, row: usize) -> View {
         View {
             ptr: self.ptr.offset(row as isize * self.rs),
             ..self
@@ -676,7 +676,7 @@ unsafe fn gemm_by_rows(
                     k,
                     dst.at(first * dst_rs as usize),
                     dst_rs,
-                    lhs.from_row(first),
+                    lhs.rows_from(first),
                     rhs,
                     1.0,
                 )
