@@ -1344,13 +1344,20 @@ impl ConvGeometry {
 /// See `ConvGeometry::group`.
 const GEMM_POSITIONS: usize = 256;
 
-/// The transpose of a row-major matrix with rows of `cols` values.
+/// The transpose of a row-major matrix with rows of `cols` values. Blocks of 16 rows at a time,
+/// so that each write is a run of 16 and the 16 rows being read stay in L1: element by element
+/// it took 9.4-9.8 ms for ResNet's 512x4608 weight (writes 2 KiB apart), this way 4.3-5.9.
 fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 16;
     let rows = m.len() / cols.max(1);
     let mut t = vec![0f32; m.len()];
-    for (r, row) in m.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            t[c * rows + r] = v;
+    for (b, block) in m.chunks(BLOCK * cols.max(1)).enumerate() {
+        let n = block.len() / cols;
+        for c in 0..cols {
+            let run = &mut t[c * rows + b * BLOCK..][..n];
+            for (i, d) in run.iter_mut().enumerate() {
+                *d = block[i * cols + c];
+            }
         }
     }
     t
