@@ -606,15 +606,19 @@ impl View {
 }
 
 /// dst[m x n] (row stride `dst_rs`) = scale * lhs[m x k] * rhs[k x n] on `parallelism`'s
-/// threads. gemm writes every element of dst without reading it, so dst may be uninitialised.
+/// threads, or += with `accumulate`. Without it gemm writes every element of dst without
+/// reading it, so dst may be uninitialised. The one place that maps views onto the `gemm`
+/// crate's arguments (column stride before row stride).
 ///
 /// # Safety
 /// Every view must address valid memory for its shape; `dst` must not overlap the inputs.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
     parallelism: gemm::Parallelism,
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: isize,
+    accumulate: bool,
     lhs: View,
     rhs: View,
     scale: f32,
@@ -626,14 +630,14 @@ unsafe fn gemm_into(
         dst,
         1,
         dst_rs,
-        false,
+        accumulate,
         lhs.ptr,
         lhs.cs,
         lhs.rs,
         rhs.ptr,
         rhs.cs,
         rhs.rs,
-        0.0,
+        1.0,
         scale,
         false,
         false,
@@ -703,6 +707,7 @@ unsafe fn matmul(
         (m, n, k),
         dst,
         dst_rs,
+        false,
         lhs,
         rhs,
         scale,
@@ -1150,6 +1155,7 @@ impl CustomOp3 for LinearLastBwd {
                 (out, inp, rows),
                 dw.as_mut_ptr(),
                 inp as isize,
+                false,
                 row_major(g, out).t(),
                 row_major(x, inp),
                 1.0,
@@ -1387,26 +1393,15 @@ fn conv_gemm(
     // SAFETY: the callers pass views whose extents lie inside live slices of the right sizes;
     // dst's extent is checked above.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_into(
+            gemm::Parallelism::None,
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
             dst_rs as isize,
             accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
+            lhs,
+            rhs,
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
         )
     }
 }
