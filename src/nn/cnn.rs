@@ -177,13 +177,18 @@ mod tests {
             (3, 4, 1, 1, 0, 16),
             (5, 4, 1, 1, 0, 6),
             (2, 128, 3, 1, 1, 5),
+            (128, 3, 3, 1, 1, 6),
+            (128, 5, 3, 1, 2, 3),
+            (130, 4, 1, 2, 0, 5),
         ] {
             // 19 images: the weight gradient's GEMMs take them 4 to 16 at a time (256 positions
             // over 81 to 16 per image), a smaller group last; the 17 px row takes one image per
             // GEMM and sums 3 per batch chunk. The 3 px row pads by 2 on every side, so some
             // column rows are all padding. The 1x1 rows use the image as its own column
             // matrix, except in the 6 px row's grouped weight gradient. Only the 128-channel
-            // row computes the weight gradient untransposed.
+            // row computes the weight gradient untransposed. The 128- and 130-channel rows take
+            // the input gradient as a convolution (stride 1, padded by 1 and by 0) or, with
+            // stride 2, by col2im.
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {
