@@ -73,16 +73,21 @@ pub fn bn(norm: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
     match norm.weight_and_bias() {
         Some((w, b)) if train && super::ops::fusable(x) && x.rank() == 4 => {
             let x = x.contiguous()?;
-            let moments = x.apply_op1_no_bwd(&super::fused::ChannelMoments)?;
+            let stats = super::fused::channel_stats(&x)?;
+            let (mean, var): (Vec<f32>, Vec<f32>) =
+                stats.iter().map(|&(m, v)| (m as f32, v as f32)).unzip();
+            let c = stats.len();
             let m = norm.momentum();
-            let count = (x.elem_count() / x.dim(1)?) as f64;
+            let count = (x.elem_count() / c) as f64;
             let running_mean = candle_core::Var::from_tensor(norm.running_mean())?;
-            running_mean
-                .set(&((running_mean.as_tensor() * (1.0 - m))? + (moments.get(0)? * m)?)?)?;
+            let mean = Tensor::from_vec(mean, c, x.device())?;
+            running_mean.set(&((running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
             let running_var = candle_core::Var::from_tensor(norm.running_var())?;
-            let unbiased = (moments.get(1)? * (count / (count - 1.0).max(1.0)))?;
+            let unbiased =
+                (Tensor::from_vec(var, c, x.device())? * (count / (count - 1.0).max(1.0)))?;
             running_var.set(&((running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
-            x.apply_op3(w, b, super::fused::BatchNormTrain { eps: norm.eps() })
+            let eps = norm.eps();
+            x.apply_op3(w, b, super::fused::BatchNormTrain { eps, stats })
         }
         _ => norm.forward_t(x, train),
     }

@@ -1766,31 +1766,33 @@ fn channel_mean(x: &[f32], b: usize, c: usize, hw: usize, ch: usize) -> f64 {
     sum / (b * hw) as f64
 }
 
-/// `[2, C]`: each channel's mean and biased variance over batch and space (no backward: it feeds
-/// the running statistics).
-pub struct ChannelMoments;
-
-impl CustomOp1 for ChannelMoments {
-    fn name(&self) -> &'static str {
-        "pretext-channel-moments"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
-        let (b, c, hw) = nchw(l)?;
-        let m: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| channel_moments(x, b, c, hw, ch))
-            .collect();
-        let mut out: Vec<f32> = m.iter().map(|v| v.0 as f32).collect();
-        out.extend(m.iter().map(|v| v.1 as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
-    }
+/// Each channel's mean and biased variance over batch and space of an f32 `[B, C, H, W]` CPU
+/// tensor, computed once per train-mode BatchNorm: they feed the running statistics, the
+/// forward and the backward (each recomputed them before: five passes over the activation in the
+/// forward, three in the backward, now three and two).
+pub fn channel_stats(x: &Tensor) -> Result<Vec<(f64, f64)>> {
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("channel stats: only CPU tensors are fused");
+    };
+    let data = slice(s, layout, "channel stats")?;
+    let (b, c, hw) = nchw(layout)?;
+    Ok((0..c)
+        .into_par_iter()
+        .map(|ch| {
+            simd(
+                #[inline(always)]
+                || channel_moments(data, b, c, hw, ch),
+            )
+        })
+        .collect())
 }
 
-/// Train-mode BatchNorm over `[B, C, H, W]` with the batch's statistics, weight and bias `[C]`.
+/// Train-mode BatchNorm over `[B, C, H, W]` with the batch's statistics (`channel_stats` of the
+/// input), weight and bias `[C]`.
 pub struct BatchNormTrain {
     pub eps: f64,
+    pub stats: Vec<(f64, f64)>,
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -1810,6 +1812,12 @@ impl CustomOp3 for BatchNormTrain {
         let x = slice(xs, xl, self.name())?;
         let (w, bias) = (slice(ws, wl, self.name())?, slice(bs, bl, self.name())?);
         let (b, c, hw) = nchw(xl)?;
+        if self.stats.len() != c {
+            candle_core::bail!(
+                "batch norm: {} channel statistics for {c} channels",
+                self.stats.len()
+            );
+        }
         // SAFETY: the channels' tasks write every element.
         let mut y = unsafe { unzeroed(x.len()) };
         let dst = Shared(y.as_mut_ptr());
@@ -1817,7 +1825,7 @@ impl CustomOp3 for BatchNormTrain {
             simd(
                 #[inline(always)]
                 || {
-                    let (mean, var) = channel_moments(x, b, c, hw, ch);
+                    let (mean, var) = self.stats[ch];
                     let scale = (w[ch] as f64 / (var + self.eps).sqrt()) as f32;
                     let shift = bias[ch] - mean as f32 * scale;
                     for i in 0..b {
@@ -1842,14 +1850,18 @@ impl CustomOp3 for BatchNormTrain {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed =
-            x.apply_op3_no_bwd(w, &g.contiguous()?, &BatchNormTrainBwd { eps: self.eps })?;
+        let bwd = BatchNormTrainBwd {
+            eps: self.eps,
+            stats: self.stats.clone(),
+        };
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &bwd)?;
         unpack_grads(&packed, Some(x), w, b)
     }
 }
 
 struct BatchNormTrainBwd {
     eps: f64,
+    stats: Vec<(f64, f64)>,
 }
 
 impl CustomOp3 for BatchNormTrainBwd {
@@ -1870,6 +1882,12 @@ impl CustomOp3 for BatchNormTrainBwd {
         let w = slice(ws, wl, self.name())?;
         let g = slice(gs, gl, self.name())?;
         let (b, c, hw) = nchw(xl)?;
+        if self.stats.len() != c {
+            candle_core::bail!(
+                "batch norm: {} channel statistics for {c} channels",
+                self.stats.len()
+            );
+        }
         let n = x.len();
         // SAFETY: the channels' tasks write every element of dx and both sums.
         let mut out = unsafe { unzeroed(n + 2 * c) };
@@ -1878,13 +1896,12 @@ impl CustomOp3 for BatchNormTrainBwd {
             simd(
                 #[inline(always)]
                 || {
-                    // dbias = sum g, dweight = sum g * xhat, both from the variance's pass
+                    // dbias = sum g, dweight = sum g * xhat
                     let count = (b * hw) as f64;
-                    let mean = channel_mean(x, b, c, hw, ch);
-                    let [ss, sum_g, sum_g_xmu] = channel_sums((x, g), (b, c, hw, ch), |xv, gv| {
-                        [(xv - mean) * (xv - mean), gv, gv * (xv - mean)]
-                    });
-                    let rstd = 1.0 / (ss / count + self.eps).sqrt();
+                    let (mean, var) = self.stats[ch];
+                    let [sum_g, sum_g_xmu] =
+                        channel_sums((x, g), (b, c, hw, ch), |xv, gv| [gv, gv * (xv - mean)]);
+                    let rstd = 1.0 / (var + self.eps).sqrt();
                     let sum_g_xhat = sum_g_xmu * rstd;
                     // dx = w * rstd * (g - mean(g) - xhat * mean(g * xhat))
                     let k = w[ch] as f64 * rstd;
