@@ -185,6 +185,8 @@ mod tests {
             (128, 3, 3, 1, 1, 6),
             (128, 5, 3, 1, 2, 3),
             (130, 4, 1, 2, 0, 5),
+            (3, 4, 5, 1, 2, 7),
+            (2, 3, 3, 1, 1, 1),
         ] {
             // 19 images: the weight gradient's GEMMs take them 4 to 16 at a time (256 positions
             // over 81 to 16 per image), a smaller group last; the 17 px row takes one image per
@@ -193,7 +195,9 @@ mod tests {
             // matrix, except in the 6 px row's grouped weight gradient. Only the 128-channel
             // row computes the weight gradient untransposed. The 128- and 130-channel rows take
             // the input gradient as a convolution (stride 1, padded by 1 and by 0) or, with
-            // stride 2, by col2im.
+            // stride 2, by col2im. Stride-1 rows with as many output as input columns (padding
+            // (K - 1) / 2) build their column rows by one shifted copy each, the 1 px row from
+            // zeros alone.
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {
