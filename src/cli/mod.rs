@@ -262,9 +262,10 @@ pub fn main() -> ExitCode {
 /// it mapped with mmap back to the kernel on free, so every step page-faults them in again and
 /// the kernel zeroes each page: 24% of a ViT-Tiny step at 224 px, measured with perf. So blocks
 /// stay in the heap: mmap is off (`M_MMAP_MAX` 0) and the trim threshold keeps freed memory.
-/// Raising the mmap threshold instead is not enough: glibc caps it at 32 MiB and ResNet's 128 px stem
-/// activations are 33.5 MiB; mapped afresh each time, they cost a ResNet-18 step 190,000 page
-/// faults per 8 steps and 5.6% of its time (median of 8 alternated pairs). Peak RSS is unchanged.
+/// Raising the mmap threshold instead is not enough: glibc caps it at 32 MiB, and ResNet's
+/// stem activations at 128 px are 33.5 MiB; mapped afresh each time, they cost 190,000 page
+/// faults per 8 steps and 5.6% of the step (median of 8 alternated pairs). Peak RSS is
+/// unchanged. Freed memory then stays with the process until it exits.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before any thread starts.
