@@ -265,7 +265,8 @@ pub fn main() -> ExitCode {
 /// Raising the mmap threshold instead is not enough: glibc caps it at 32 MiB, and ResNet's
 /// stem activations at 128 px are 33.5 MiB; mapped afresh each time, they cost 190,000 page
 /// faults per 8 steps and 5.6% of the step (median of 8 alternated pairs). Peak RSS is
-/// unchanged. Freed memory then stays with the process until it exits.
+/// unchanged. Freed memory then stays with the process: glibc trims only a free heap top above
+/// the 1 GiB threshold.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before any thread starts.

@@ -192,12 +192,13 @@ mod tests {
             // over 81 to 16 per image), a smaller group last; the 17 px row takes one image per
             // GEMM and sums 3 per batch chunk. The 3 px row pads by 2 on every side, so some
             // column rows are all padding. The 1x1 rows use the image as its own column
-            // matrix, except in the 6 px row's grouped weight gradient. Only the 128-channel
-            // row computes the weight gradient untransposed. The 128- and 130-channel rows take
-            // the input gradient as a convolution (stride 1, padded by 1 and by 0) or, with
-            // stride 2, by col2im. Stride-1 rows with as many output as input columns (padding
-            // (K - 1) / 2) build their column rows by one shifted copy each, the 1 px row from
-            // zeros alone.
+            // matrix, except in the 6 px row's grouped weight gradient. Only the row with 128
+            // output channels computes the weight gradient untransposed. The rows with 128 and
+            // 130 input channels take the input gradient as a convolution (stride 1, that
+            // convolution padded by 1 and by 0) or, with stride 2, by col2im. Stride-1 rows with
+            // as many output as input columns (padding (K - 1) / 2) on planes up to 8 wide build
+            // their column rows by one shifted copy each, the 1 px row from zeros alone; the 9
+            // and 17 px rows copy row by row.
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {

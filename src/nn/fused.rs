@@ -1839,6 +1839,17 @@ pub fn channel_stats(x: &Tensor) -> Result<Vec<(f64, f64)>> {
         .collect())
 }
 
+/// The forward and backward ops carry one (mean, variance) pair per channel of their input.
+fn stats_fit(stats: &[(f64, f64)], c: usize) -> Result<()> {
+    if stats.len() != c {
+        candle_core::bail!(
+            "batch norm: {} channel statistics for {c} channels",
+            stats.len()
+        );
+    }
+    Ok(())
+}
+
 /// Train-mode BatchNorm over `[B, C, H, W]` with the batch's statistics (`channel_stats` of the
 /// input), weight and bias `[C]`.
 pub struct BatchNormTrain {
@@ -1863,12 +1874,7 @@ impl CustomOp3 for BatchNormTrain {
         let x = slice(xs, xl, self.name())?;
         let (w, bias) = (slice(ws, wl, self.name())?, slice(bs, bl, self.name())?);
         let (b, c, hw) = nchw(xl)?;
-        if self.stats.len() != c {
-            candle_core::bail!(
-                "batch norm: {} channel statistics for {c} channels",
-                self.stats.len()
-            );
-        }
+        stats_fit(&self.stats, c)?;
         // SAFETY: the channels' tasks write every element.
         let mut y = unsafe { unzeroed(x.len()) };
         let dst = Shared(y.as_mut_ptr());
@@ -1933,12 +1939,7 @@ impl CustomOp3 for BatchNormTrainBwd {
         let w = slice(ws, wl, self.name())?;
         let g = slice(gs, gl, self.name())?;
         let (b, c, hw) = nchw(xl)?;
-        if self.stats.len() != c {
-            candle_core::bail!(
-                "batch norm: {} channel statistics for {c} channels",
-                self.stats.len()
-            );
-        }
+        stats_fit(&self.stats, c)?;
         let n = x.len();
         // SAFETY: the channels' tasks write every element of dx and both sums.
         let mut out = unsafe { unzeroed(n + 2 * c) };
