@@ -222,6 +222,16 @@ impl<'a> Expander<'a> {
                     format!("matrix axis `{axis}` has no values"),
                 ));
             }
+            if vars.iter().any(|(k, _)| k == axis) {
+                let src = merged.matrix.get(axis).map_or(0, |s| s.source);
+                return Err(merged
+                    .error(
+                        src,
+                        &["matrix", axis],
+                        format!("`{axis}` is both a var and a matrix axis, and the var would hide the axis's values"),
+                    )
+                    .help(format!("remove `{axis}` from `vars:` (`--set {axis}=...` pins an axis to one value)")));
+            }
         }
         if let Some(profile) = &opts.profile {
             let Some(overrides) = merged.profiles.get(profile) else {

@@ -192,3 +192,15 @@ fn a_bad_device_is_a_usage_error_and_cuda_without_cuda_says_how_to_build() {
         );
     }
 }
+
+#[test]
+fn a_var_that_shadows_a_matrix_axis_is_refused() {
+    // The var used to win silently: every `seed` instance got the same key.
+    let e = error_of("vars:\n  seed: 0\nmatrix:\n  seed: [0, 1]\nstages:\n  a:\n    kind: command\n    run: 'echo ${seed}'\n");
+    assert!(
+        e.contains("bad.yaml:4:")
+            && e.contains("`seed` is both a var and a matrix axis")
+            && e.contains("remove `seed` from `vars:`"),
+        "{e}"
+    );
+}
