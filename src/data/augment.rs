@@ -143,12 +143,13 @@ fn blend(a: &Grey, b: &[f32], factor: f32) -> Grey {
 }
 
 /// The operations of RandAugment that are meaningful on a grey radiograph (no colour, no hue).
+/// Solarize is left out: it inverts the brightest pixels, which in a radiograph are metal and
+/// bone, so it turns an implant (what the shoulder task classifies) dark.
 pub const RANDAUG_OPS: &[&str] = &[
     "identity",
     "autocontrast",
     "equalize",
     "rotate",
-    "solarize",
     "posterize",
     "contrast",
     "brightness",
@@ -159,13 +160,22 @@ pub const RANDAUG_OPS: &[&str] = &[
     "translate_y",
 ];
 
-/// Applies `n` random operations at magnitude `m` (0-10, timm's scale), each with a random sign.
+/// Each drawn operation is applied with this probability, as timm's `rand_augment_transform`
+/// does (`AugmentOp(prob=0.5)`): with 2 ops, a quarter of the images pass unchanged.
+pub const RANDAUG_OP_PROB: f64 = 0.5;
+
+/// Draws `n` operations at magnitude `m` (0-10, timm's scale), each with a random sign, and
+/// applies each with probability [`RANDAUG_OP_PROB`].
 pub fn rand_augment(img: &Grey, n: usize, m: f64, rng: &mut Rng) -> Grey {
     let mut out = img.clone();
     let level = (m / 10.0).clamp(0.0, 1.0) as f32;
     for _ in 0..n {
+        let op = RANDAUG_OPS[rng.below(RANDAUG_OPS.len())];
         let sign = if rng.f64() < 0.5 { -1.0 } else { 1.0 };
-        out = match RANDAUG_OPS[rng.below(RANDAUG_OPS.len())] {
+        if rng.f64() >= RANDAUG_OP_PROB {
+            continue;
+        }
+        out = match op {
             "autocontrast" => {
                 let (lo, hi) = out
                     .px
@@ -181,17 +191,6 @@ pub fn rand_augment(img: &Grey, n: usize, m: f64, rng: &mut Rng) -> Grey {
             "rotate" => {
                 let th = (30.0 * level * sign).to_radians();
                 affine(&out, [th.cos(), -th.sin(), th.sin(), th.cos()], (0.0, 0.0))
-            }
-            "solarize" => {
-                let t = 1.0 - level;
-                Grey {
-                    size: out.size,
-                    px: out
-                        .px
-                        .iter()
-                        .map(|&v| if v >= t { 1.0 - v } else { v })
-                        .collect(),
-                }
             }
             "posterize" => {
                 let bits = (8.0 - 4.0 * level).round().max(1.0);
@@ -310,6 +309,24 @@ mod tests {
         assert_eq!(rotate90(&rotate90(&img, 2), 2), img);
         assert_eq!(hflip(&hflip(&img)), img);
         assert_ne!(rotate90(&img, 1), img);
+    }
+
+    #[test]
+    fn randaugment_applies_each_drawn_op_with_probability_one_half() {
+        // Noise, which every operation but identity changes (a ramp is its own equalisation).
+        let mut rng = Rng::new(7);
+        let img = Grey {
+            size: 16,
+            px: (0..256).map(|_| rng.range(0.1, 0.9) as f32).collect(),
+        };
+        let draws = 4000;
+        let unchanged = (0..draws)
+            .filter(|_| rand_augment(&img, 2, 6.0, &mut rng) == img)
+            .count() as f64
+            / draws as f64;
+        // Both ops skipped (1/4), or skipped / identity: (1/2 + 1/2 * 1/12)^2 = 0.293. Applying
+        // every drawn op would leave only identity twice: 1/144.
+        assert!((0.26..0.33).contains(&unchanged), "{unchanged}");
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub fn view(
     }
 }
 
+/// The image `pos` of `decoded` as evaluation sees it: the store resized to `size`.
+pub fn resized(decoded: &Decoded, pos: usize, size: usize) -> Grey {
+    resize(&Grey::from_u8(decoded.image(pos), decoded.size), size)
+}
+
 /// Batches of `per_batch` items for one epoch, built ahead on another thread. `make` turns an item
 /// into one or more samples, drawing only from the stream it is given (seed, epoch, item).
 pub fn epoch<F>(

@@ -341,6 +341,33 @@ pub fn split_indices(ds: &Dataset, val_fraction: f64, seed: u64) -> BTreeMap<Spl
     out
 }
 
+/// A seeded subsample of `indices` keeping `fraction` of each class (at least one image of a
+/// class that has any), in their original order: the label-fraction axis of semi-supervised
+/// studies. Unlabelled samples are kept whole.
+pub fn subsample_per_class(
+    ds: &Dataset,
+    indices: &[usize],
+    fraction: f64,
+    seed: u64,
+) -> Vec<usize> {
+    let mut by_label: BTreeMap<Option<usize>, Vec<usize>> = BTreeMap::new();
+    for &i in indices {
+        by_label.entry(ds.samples[i].label).or_default().push(i);
+    }
+    let mut rng = Rng::new(seed ^ 0x1ABE_F8AC);
+    let mut kept = Vec::new();
+    for (label, mut members) in by_label {
+        if label.is_some() {
+            let want = ((members.len() as f64 * fraction).round() as usize).clamp(1, members.len());
+            rng.shuffle(&mut members);
+            members.truncate(want);
+        }
+        kept.extend(members);
+    }
+    kept.sort_unstable();
+    kept
+}
+
 /// Grouped, label-stratified k-fold: the train groups are dealt to `k` folds (seeded shuffle per
 /// label, largest groups first, each to the currently smallest fold) and fold `fold` becomes
 /// the validation split. Test rows stay test.
@@ -412,6 +439,25 @@ mod tests {
             classes: vec!["a".into(), "b".into()],
             samples,
         }
+    }
+
+    #[test]
+    fn label_fractions_subsample_each_class_with_a_fixed_seed() {
+        let d = ds();
+        let train: Vec<usize> = (0..36).collect();
+        let quarter = subsample_per_class(&d, &train, 0.25, 0);
+        let per_class = |v: &[usize], c: usize| v.iter().filter(|&&i| i % 2 == c).count();
+        assert_eq!((per_class(&quarter, 0), per_class(&quarter, 1)), (5, 5)); // round(18/4)
+        assert_eq!(quarter, subsample_per_class(&d, &train, 0.25, 0), "seeded");
+        assert_ne!(quarter, subsample_per_class(&d, &train, 0.25, 1));
+        assert!(quarter.windows(2).all(|w| w[0] < w[1]), "order kept");
+        let tiny = subsample_per_class(&d, &train, 0.001, 0);
+        assert_eq!(
+            (per_class(&tiny, 0), per_class(&tiny, 1)),
+            (1, 1),
+            "a class keeps one image"
+        );
+        assert_eq!(subsample_per_class(&d, &train, 1.0, 3), train);
     }
 
     #[test]

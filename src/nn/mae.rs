@@ -3,7 +3,7 @@
 //! on the masked patches only. Masking is an argsort of per-patch noise, so every strategy below
 //! is a way to draw that noise; tests inject it to match the reference exactly.
 
-use super::ops::{linear, LayerNorm, Linear};
+use super::ops::{linear, LayerNorm, Linear, WeightInit};
 use super::pos_embed::sincos_2d_tensor;
 use super::tap::Taps;
 use super::vit::{Block, PatchEmbed, LN_EPS};
@@ -202,6 +202,7 @@ impl Mae {
                     config.num_heads,
                     config.mlp_ratio,
                     0.0,
+                    WeightInit::Mae,
                     vb.pp("blocks").pp(i),
                 )
             })
@@ -213,12 +214,19 @@ impl Mae {
                     config.decoder_num_heads,
                     config.mlp_ratio,
                     0.0,
+                    WeightInit::Mae,
                     vb.pp("decoder_blocks").pp(i),
                 )
             })
             .collect::<Result<_>>()?;
         Ok(Mae {
-            patch_embed: PatchEmbed::new(config.in_chans, d, p, vb.pp("patch_embed"))?,
+            patch_embed: PatchEmbed::new(
+                config.in_chans,
+                d,
+                p,
+                WeightInit::Mae,
+                vb.pp("patch_embed"),
+            )?,
             cls_token: vb.get_with_hints(
                 (1, 1, d),
                 "cls_token",

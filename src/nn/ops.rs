@@ -49,19 +49,50 @@ impl LayerNorm {
     }
 }
 
-/// A linear layer with MAE/timm's initialisation (xavier-uniform weight, zero bias).
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let bound = (6.0 / (in_dim + out_dim) as f64).sqrt();
-    let weight = vb.get_with_hints(
-        (out_dim, in_dim),
-        "weight",
-        Init::Uniform {
-            lo: -bound,
-            up: bound,
+/// How a transformer's weights start. The two references differ, and the difference matters on
+/// small data: the official MAE draws every linear layer xavier-uniform (RMS 0.14 for a 192-wide
+/// head), timm's classifier ViT draws them normal with std 0.02, its cls token with 1e-6, and
+/// leaves the patch embedding at PyTorch's convolution default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightInit {
+    /// The official MAE (`initialize_weights`): xavier-uniform linears and patch embedding.
+    Mae,
+    /// timm's `VisionTransformer` default (`init_weights_vit_timm`).
+    #[default]
+    Timm,
+}
+
+/// A linear layer initialised as `init` says (zero bias either way).
+pub fn linear_init(
+    in_dim: usize,
+    out_dim: usize,
+    init: WeightInit,
+    vb: VarBuilder,
+) -> Result<Linear> {
+    let hint = match init {
+        WeightInit::Mae => {
+            let bound = (6.0 / (in_dim + out_dim) as f64).sqrt();
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
+        }
+        // timm's trunc_normal_(std=.02) cuts at +-2 (absolute), 100 standard deviations out:
+        // a plain normal draw.
+        WeightInit::Timm => Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
         },
-    )?;
+    };
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", hint)?;
     let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
     Ok(Linear { weight, bias })
+}
+
+/// A linear layer with the official MAE's initialisation (xavier-uniform weight, zero bias).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    linear_init(in_dim, out_dim, WeightInit::Mae, vb)
 }
 
 /// y = x w^T + b over the last dimension: the fused kernel for f32 on the CPU, candle_nn's

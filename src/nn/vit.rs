@@ -2,7 +2,7 @@
 //! are: `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
 //! mlp.fc1,mlp.fc2}`, `norm` / `fc_norm`, `head`.
 
-use super::ops::{drop_path, fusable, linear, softmax_last, LayerNorm, Linear};
+use super::ops::{drop_path, fusable, linear_init, softmax_last, LayerNorm, Linear, WeightInit};
 use super::pos_embed::sincos_2d_tensor;
 use super::tap::Taps;
 use crate::rng::Rng;
@@ -59,6 +59,8 @@ pub struct VitConfig {
     pub drop_path_rate: f64,
     #[serde(default)]
     pub pos_embed: PosEmbed,
+    #[serde(default)]
+    pub weight_init: WeightInit,
 }
 
 fn one() -> usize {
@@ -104,6 +106,7 @@ impl VitConfig {
             final_norm: true,
             drop_path_rate: 0.0,
             pos_embed: PosEmbed::Learned,
+            weight_init: WeightInit::Timm,
         })
     }
     pub fn grid(&self) -> usize {
@@ -130,10 +133,10 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, heads: usize, init: WeightInit, vb: VarBuilder) -> Result<Self> {
         Ok(Attention {
-            qkv: linear(dim, dim * 3, vb.pp("qkv"))?,
-            proj: linear(dim, dim, vb.pp("proj"))?,
+            qkv: linear_init(dim, dim * 3, init, vb.pp("qkv"))?,
+            proj: linear_init(dim, dim, init, vb.pp("proj"))?,
             heads,
             scale: ((dim / heads) as f64).powf(-0.5),
         })
@@ -180,10 +183,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, hidden: usize, init: WeightInit, vb: VarBuilder) -> Result<Self> {
         Ok(Mlp {
-            fc1: linear(dim, hidden, vb.pp("fc1"))?,
-            fc2: linear(hidden, dim, vb.pp("fc2"))?,
+            fc1: linear_init(dim, hidden, init, vb.pp("fc1"))?,
+            fc2: linear_init(hidden, dim, init, vb.pp("fc2"))?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -207,13 +210,14 @@ impl Block {
         heads: usize,
         mlp_ratio: f64,
         drop_path: f64,
+        init: WeightInit,
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Block {
             norm1: LayerNorm::new(dim, LN_EPS, vb.pp("norm1"))?,
-            attn: Attention::new(dim, heads, vb.pp("attn"))?,
+            attn: Attention::new(dim, heads, init, vb.pp("attn"))?,
             norm2: LayerNorm::new(dim, LN_EPS, vb.pp("norm2"))?,
-            mlp: Mlp::new(dim, (dim as f64 * mlp_ratio) as usize, vb.pp("mlp"))?,
+            mlp: Mlp::new(dim, (dim as f64 * mlp_ratio) as usize, init, vb.pp("mlp"))?,
             drop_path,
         })
     }
@@ -253,19 +257,30 @@ pub struct PatchEmbed {
 }
 
 impl PatchEmbed {
-    pub fn new(in_chans: usize, dim: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_chans: usize,
+        dim: usize,
+        patch: usize,
+        init: WeightInit,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let fan_in = in_chans * patch * patch;
-        let bound = (6.0 / (fan_in + dim) as f64).sqrt();
+        // PyTorch's convolution default, kaiming-uniform with a = sqrt(5), is a bound of
+        // 1 / sqrt(fan_in) for weight and bias. timm keeps it; the official MAE redraws only the
+        // weight, xavier-uniform on its (out, -1) view.
+        let default_bound = 1.0 / (fan_in as f64).sqrt();
+        let weight_bound = match init {
+            WeightInit::Mae => (6.0 / (fan_in + dim) as f64).sqrt(),
+            WeightInit::Timm => default_bound,
+        };
+        let uniform = |b: f64| Init::Uniform { lo: -b, up: b };
         Ok(PatchEmbed {
             weight: vb.get_with_hints(
                 (dim, in_chans, patch, patch),
                 "proj.weight",
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
+                uniform(weight_bound),
             )?,
-            bias: vb.get_with_hints(dim, "proj.bias", Init::Const(0.0))?,
+            bias: vb.get_with_hints(dim, "proj.bias", uniform(default_bound))?,
             patch,
         })
     }
@@ -324,13 +339,17 @@ impl Vit {
         let tokens = config.num_patches() + config.prefix_tokens();
         // Created in timm's order (cls_token, pos_embed, patch_embed, blocks, norms, head): the
         // parameter order decides how lr-decay groups are numbered.
+        let init = config.weight_init;
         let cls_token = if config.class_token {
             Some(vb.get_with_hints(
                 (1, 1, d),
                 "cls_token",
                 Init::Randn {
                     mean: 0.0,
-                    stdev: 0.02,
+                    stdev: match init {
+                        WeightInit::Mae => 0.02,
+                        WeightInit::Timm => 1e-6,
+                    },
                 },
             )?)
         } else {
@@ -349,8 +368,13 @@ impl Vit {
                 sincos_2d_tensor(d, config.grid(), config.class_token, vb.device())?
             }
         };
-        let patch_embed =
-            PatchEmbed::new(config.in_chans, d, config.patch_size, vb.pp("patch_embed"))?;
+        let patch_embed = PatchEmbed::new(
+            config.in_chans,
+            d,
+            config.patch_size,
+            init,
+            vb.pp("patch_embed"),
+        )?;
         let rates = drop_path_rates(config.drop_path_rate, config.depth);
         let blocks = (0..config.depth)
             .map(|i| {
@@ -359,6 +383,7 @@ impl Vit {
                     config.num_heads,
                     config.mlp_ratio,
                     rates[i],
+                    init,
                     vb.pp("blocks").pp(i),
                 )
             })
@@ -380,7 +405,7 @@ impl Vit {
                 None
             },
             head: if config.num_classes > 0 {
-                Some(linear(d, config.num_classes, vb.pp("head"))?)
+                Some(linear_init(d, config.num_classes, init, vb.pp("head"))?)
             } else {
                 None
             },
@@ -463,6 +488,42 @@ mod tests {
     use super::*;
     use crate::nn::agree::{assert_close, pull};
     use candle_core::{Device, Var};
+
+    fn rms(t: &Tensor) -> f64 {
+        t.sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt() as f64
+    }
+
+    /// timm's classifier init (the fine-tuning reference) against the official MAE's.
+    #[test]
+    fn timm_init_draws_the_head_with_std_002_and_mae_init_xavier() {
+        let store = crate::nn::params::ParamStore::seeded(3);
+        let mut cfg = VitConfig::preset("vit_tiny", 32, 8, 1, 4).unwrap();
+        cfg.depth = 1;
+        Vit::new(&cfg, store.var_builder(&Device::Cpu)).unwrap();
+        let get = |n: &str| store.get(n).unwrap().as_tensor().clone();
+        let head = rms(&get("head.weight"));
+        assert!((head - 0.02).abs() < 0.004, "head rms {head}");
+        assert!((rms(&get("blocks.0.attn.qkv.weight")) - 0.02).abs() < 0.002);
+        assert!(rms(&get("cls_token")) < 1e-5);
+        assert!(
+            rms(&get("patch_embed.proj.bias")) > 0.0,
+            "PyTorch's conv default"
+        );
+
+        let mae = crate::nn::params::ParamStore::seeded(3);
+        cfg.weight_init = WeightInit::Mae;
+        Vit::new(&cfg, mae.var_builder(&Device::Cpu)).unwrap();
+        let head = rms(&mae.get("head.weight").unwrap().as_tensor().clone());
+        // xavier-uniform: bound sqrt(6 / (192 + 4)), RMS bound / sqrt(3).
+        let xavier = (6.0f64 / 196.0).sqrt() / 3f64.sqrt();
+        assert!((head - xavier).abs() < 0.2 * xavier, "head rms {head}");
+    }
 
     /// The fused attention kernel against candle ops: output and the gradient of the packed qkv,
     /// for an MAE encoder's short sequence and a longer one.

@@ -4,7 +4,7 @@
 //! go to `predictions.csv`.
 
 use super::finetune::{argmax, evaluate_split};
-use super::fit::ImageSet;
+use super::fit::{ImageSet, SetSpec};
 use super::net::ModelCard;
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
@@ -61,12 +61,7 @@ impl Task for Evaluate {
         let (card, net) = ModelCard::read(inputs.path("model")?)?;
         let set = ImageSet::open(
             inputs.item("data")?,
-            card.net.img_size,
-            0.0,
-            None,
-            0,
-            p.max_images,
-            p.on_bad_image,
+            &SetSpec::whole(card.store_size(), p.max_images, p.on_bad_image),
             ctx,
         )?;
         if set.dataset.classes != card.classes {

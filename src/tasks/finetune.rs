@@ -5,8 +5,8 @@
 //! best on a validation split carved from train (grouped, stratified, seeded): never the test split.
 
 use super::fit::{
-    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, EpochLoss, ImageSet,
-    OptimSpec,
+    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, store_size,
+    EpochLoss, ImageSet, OptimSpec, SetSpec, TrainingPlan,
 };
 use super::net::{ModelCard, Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -45,6 +45,18 @@ fn d_optimizer() -> OptimizerKind {
     OptimizerKind::Adamw
 }
 
+/// Which validation number picks the checkpoint that is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Select {
+    /// Highest validation accuracy; ties keep the earliest epoch (the reference's rule).
+    Accuracy,
+    /// Highest mean one-vs-rest AUC; ties keep the lower validation loss.
+    Auc,
+    /// Lowest validation loss.
+    Loss,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
@@ -67,29 +79,39 @@ pub struct Params {
     pub epochs: usize,
     #[serde(default = "d_batch")]
     pub batch: usize,
-    /// Base lr per 256 images.
-    #[serde(default = "d_blr")]
-    pub blr: f64,
+    /// Peak learning rate, used as given. Unset (and no `blr`): 5e-4 for ViTs, 1e-3 for CNNs,
+    /// the reference's values for a few hundred images at batch 32 (docs/recipes.md).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Base lr per 256 images (MAE's rule for large batches): lr = blr x batch / 256. Give
+    /// either `lr` or `blr`.
+    #[serde(default)]
+    pub blr: Option<f64>,
     #[serde(default = "d_min_lr")]
     pub min_lr: f64,
     #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
     #[serde(default = "super::net::defaults::weight_decay")]
     pub weight_decay: f64,
-    /// Layer-wise lr decay for ViTs (ignored for CNNs).
-    #[serde(default = "d_layer_decay")]
-    pub layer_decay: f64,
+    /// Layer-wise lr decay for ViTs (ignored for CNNs). Unset: 0.75 when starting from
+    /// pretrained weights (`init` or `imagenet`), none from scratch.
+    #[serde(default)]
+    pub layer_decay: Option<f64>,
     #[serde(default = "d_drop_path")]
     pub drop_path: f64,
     #[serde(default = "d_ra_n")]
     pub randaug_n: usize,
-    /// 0 turns RandAugment off.
-    #[serde(default = "d_ra_m")]
+    /// RandAugment magnitude (0-10); 0 turns it off.
+    #[serde(default)]
     pub randaug_magnitude: f64,
-    #[serde(default = "d_smoothing")]
+    #[serde(default)]
     pub label_smoothing: f64,
     #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
+    /// Images are decoded once at `decode_scale` x `img_size`; training crops come from that
+    /// store, validation and test resize it.
+    #[serde(default = "super::net::defaults::decode_scale")]
+    pub decode_scale: f64,
     /// 0 = uniform crop positions; towards 1 pulls crops to the image centre.
     #[serde(default)]
     pub center_bias: f64,
@@ -105,6 +127,17 @@ pub struct Params {
     pub folds: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
+    /// Seeds the validation carve-out and the label subsample; the same for every model `seed`,
+    /// so seeds differ only in the model and the batches.
+    #[serde(default)]
+    pub split_seed: u64,
+    /// Train on this share of the training labels, subsampled per class (validation and test
+    /// stay whole).
+    #[serde(default = "d_fraction")]
+    pub label_fraction: f64,
+    /// Which validation number chooses the checkpoint kept.
+    #[serde(default = "d_select")]
+    pub select: Select,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
@@ -117,40 +150,64 @@ fn d_mode() -> Mode {
     Mode::Full
 }
 fn d_epochs() -> usize {
-    30
+    60
 }
 fn d_batch() -> usize {
     32
-}
-fn d_blr() -> f64 {
-    1e-3
 }
 fn d_min_lr() -> f64 {
     1e-6
 }
 fn d_warmup() -> f64 {
-    3.0
-}
-fn d_layer_decay() -> f64 {
-    0.55
+    5.0
 }
 fn d_drop_path() -> f64 {
-    0.2
+    0.1
 }
 fn d_ra_n() -> usize {
     2
-}
-fn d_ra_m() -> f64 {
-    6.0
-}
-fn d_smoothing() -> f64 {
-    0.1
 }
 fn yes() -> bool {
     true
 }
 fn d_val() -> f64 {
     0.15
+}
+fn d_fraction() -> f64 {
+    1.0
+}
+fn d_select() -> Select {
+    Select::Accuracy
+}
+
+/// The default layer-wise lr decay for a pretrained ViT (MAE's ViT-L value, the reference's).
+pub const PRETRAINED_LAYER_DECAY: f64 = 0.75;
+
+impl Params {
+    /// The peak learning rate: `lr`, `blr` scaled by the batch, or the family default.
+    pub fn peak_lr(&self, is_vit: bool) -> Result<f64> {
+        match (self.lr, self.blr) {
+            (Some(_), Some(_)) => {
+                bail!("give either `lr` (used as given) or `blr` (per 256 images), not both")
+            }
+            (Some(lr), None) => Ok(lr),
+            (None, Some(blr)) => Ok(scaled_lr(blr, self.batch)),
+            (None, None) => Ok(if is_vit { 5e-4 } else { 1e-3 }),
+        }
+    }
+
+    /// Layer-wise lr decay for this run: only ViTs, and by default only from pretrained weights
+    /// (a scratch ViT's patch embedding would otherwise train at decay^(depth+1) of the lr).
+    pub fn effective_layer_decay(&self, is_vit: bool, pretrained: bool) -> Option<f64> {
+        if !is_vit {
+            return None;
+        }
+        match self.layer_decay {
+            Some(d) => Some(d),
+            None if pretrained => Some(PRETRAINED_LAYER_DECAY),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -189,12 +246,7 @@ pub fn evaluate_split(
         0,
         0,
         size,
-        move |i, rng| {
-            vec![(
-                norm.apply(loader::view(&d, pos[i], size, None, rng)),
-                lab[i],
-            )]
-        },
+        move |i, _| vec![(norm.apply(loader::resized(&d, pos[i], size)), lab[i])],
     );
     for b in rx.iter() {
         let (x, y) = batch_tensors(&b, &dev)?;
@@ -236,7 +288,7 @@ pub fn argmax(r: &[f64]) -> usize {
 
 impl Task for Finetune {
     const KIND: &'static str = "finetune";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "fine-tunes (or linearly probes) a CNN or ViT on labelled radiographs, keeping the best checkpoint on validation";
     const TRAINS: bool = true;
     type Params = Params;
@@ -266,14 +318,18 @@ impl Task for Finetune {
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let dev = ctx.compute_device()?;
+        let store = store_size(p.img_size, p.decode_scale);
         let set = ImageSet::open(
             inputs.item("data")?,
-            p.img_size,
-            p.val_fraction,
-            p.folds.map(|k| (k, p.fold.unwrap_or(0))),
-            p.seed,
-            p.max_images,
-            p.on_bad_image,
+            &SetSpec {
+                store,
+                val_fraction: p.val_fraction,
+                folds: p.folds.map(|k| (k, p.fold.unwrap_or(0))),
+                split_seed: p.split_seed,
+                label_fraction: p.label_fraction,
+                max_images: p.max_images,
+                on_bad: p.on_bad_image,
+            },
             ctx,
         )?;
         let classes = set.dataset.classes.clone();
@@ -290,6 +346,12 @@ impl Task for Finetune {
         let val = set
             .require(Split::Val, "raise `val_fraction` or add `split: val` rows")?
             .to_vec();
+        if val.len() < SMALL_VALIDATION {
+            ctx.log(&format!(
+                "warning: the validation split has {} images; the checkpoint chosen on it is noisy (raise `val_fraction`, or use `folds`)",
+                val.len()
+            ));
+        }
         let (mean, std) = set.decoded.stats(&train);
         let norm = Normalize { mean, std };
         let desc = NetDesc {
@@ -328,13 +390,17 @@ impl Task for Finetune {
             }
             None => "scratch".to_owned(),
         };
+        let layer_decay = p.effective_layer_decay(desc.is_vit(), init.is_some());
         let head_only = |n: &str| net.is_head(n);
         let mut opt = super::fit::optimizer(
             &net.params,
             &OptimSpec {
                 weight_decay: p.weight_decay,
                 betas: (0.9, 0.999),
-                layer_decay: desc.vit_config().ok().map(|c| (p.layer_decay, c.depth)),
+                layer_decay: match layer_decay {
+                    Some(d) => Some((d, desc.vit_config()?.depth)),
+                    None => None,
+                },
                 only: if p.mode == Mode::LinearProbe {
                     Some(&head_only)
                 } else {
@@ -343,12 +409,19 @@ impl Task for Finetune {
                 lars: p.optimizer == OptimizerKind::Lars,
             },
         );
-        let sched = schedule(
-            scaled_lr(p.blr, p.batch),
-            p.min_lr,
-            p.warmup_epochs,
-            p.epochs,
-        );
+        let peak_lr = p.peak_lr(desc.is_vit())?;
+        let steps = train_steps(train.len(), p.batch);
+        let plan = TrainingPlan {
+            peak_lr,
+            steps_per_epoch: steps,
+            epochs: p.epochs,
+            warmup_epochs: p.warmup_epochs,
+            layer_decay,
+        };
+        for line in plan.describe(train.len()) {
+            ctx.log(&line);
+        }
+        let sched = schedule(peak_lr, p.min_lr, p.warmup_epochs, p.epochs);
         let (start, mut h) =
             match load_checkpoint::<History>(&ctx.checkpoint_dir, &net.params, &mut opt)? {
                 Some((done, h)) => {
@@ -369,7 +442,6 @@ impl Task for Finetune {
             .iter()
             .map(|&pos| set.label(pos))
             .collect::<Result<_>>()?;
-        let steps = train.len().div_ceil(p.batch);
         let best_file = ctx.checkpoint_dir.join("best.safetensors");
         for epoch in start..p.epochs {
             let (dd, t, lab, size) = (d.clone(), train.clone(), labels.clone(), p.img_size);
@@ -377,7 +449,7 @@ impl Task for Finetune {
                 train.len(),
                 p.batch,
                 true,
-                false,
+                train.len() > p.batch,
                 p.seed,
                 epoch as u64,
                 size,
@@ -414,11 +486,8 @@ impl Task for Finetune {
             h.val_accuracy.push(va);
             h.val_auc.push(vauc);
             h.lr.push(lr);
-            // Selection on validation only: higher mean AUC, then lower loss.
-            let score = (vauc.unwrap_or(va), -vl);
-            if h.best_score
-                .is_none_or(|b| score.0 > b.0 || (score.0 == b.0 && score.1 > b.1))
-            {
+            let score = p.select.score(va, vauc, vl);
+            if h.best_score.is_none_or(|b| better(score, b)) {
                 h.best_score = Some(score);
                 h.best_epoch = epoch + 1;
                 net.params.save_safetensors(&best_file, |_| true)?;
@@ -446,6 +515,7 @@ impl Task for Finetune {
             classes: classes.clone(),
             mean,
             std,
+            store,
             best_epoch: h.best_epoch,
         };
         std::fs::write(
@@ -456,8 +526,104 @@ impl Task for Finetune {
         net.save_encoder(&ctx.out_dir.join("encoder.safetensors"))?;
         Ok(json!({
             "init": init_note, "mode": p.mode, "classes": classes, "train_images": train.len(), "val_images": val.len(),
-            "best_epoch": h.best_epoch, "train_loss": h.train_loss, "val_loss": h.val_loss, "val_accuracy": h.val_accuracy,
-            "val_auc": h.val_auc, "lr": h.lr, "skipped_images": set.decoded.skipped.len(),
+            "peak_lr": peak_lr, "layer_decay": layer_decay, "steps_per_epoch": steps, "total_steps": steps * p.epochs,
+            "best_epoch": h.best_epoch, "select": p.select, "train_loss": h.train_loss, "val_loss": h.val_loss,
+            "val_accuracy": h.val_accuracy, "val_auc": h.val_auc, "lr": h.lr, "skipped_images": set.decoded.skipped.len(),
         }))
+    }
+}
+
+/// Below this many validation images, the stage warns that checkpoint selection is noisy.
+const SMALL_VALIDATION: usize = 20;
+
+/// Optimiser steps in an epoch of `images` at `batch`: the last short batch is dropped (as the
+/// reference does) unless it would be the only one.
+pub fn train_steps(images: usize, batch: usize) -> usize {
+    if images > batch {
+        images / batch
+    } else {
+        1
+    }
+}
+
+impl Select {
+    /// A score to maximise, and a second one for ties (or `NEG_INFINITY`: ties keep the
+    /// earliest epoch).
+    fn score(self, accuracy: f64, auc: Option<f64>, loss: f64) -> (f64, f64) {
+        match self {
+            Select::Accuracy => (accuracy, f64::NEG_INFINITY),
+            Select::Auc => (auc.unwrap_or(accuracy), -loss),
+            Select::Loss => (-loss, f64::NEG_INFINITY),
+        }
+    }
+}
+
+/// Strictly better: an equal score keeps the earlier epoch.
+fn better(score: (f64, f64), best: (f64, f64)) -> bool {
+    score.0 > best.0 || (score.0 == best.0 && score.1 > best.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(yaml: serde_json::Value) -> Params {
+        serde_json::from_value(yaml).unwrap()
+    }
+
+    #[test]
+    fn layer_decay_applies_only_to_pretrained_vits_unless_asked() {
+        let p = params(json!({}));
+        assert_eq!(p.effective_layer_decay(true, false), None, "scratch ViT");
+        assert_eq!(
+            p.effective_layer_decay(true, true),
+            Some(PRETRAINED_LAYER_DECAY)
+        );
+        assert_eq!(p.effective_layer_decay(false, true), None, "CNNs never");
+        let asked = params(json!({ "layer_decay": 0.65 }));
+        assert_eq!(asked.effective_layer_decay(true, false), Some(0.65));
+    }
+
+    #[test]
+    fn the_lr_is_used_as_given_and_blr_scales_with_the_batch() {
+        assert_eq!(params(json!({})).peak_lr(true).unwrap(), 5e-4);
+        assert_eq!(params(json!({})).peak_lr(false).unwrap(), 1e-3);
+        assert_eq!(
+            params(json!({ "lr": 2e-4, "batch": 8 }))
+                .peak_lr(true)
+                .unwrap(),
+            2e-4
+        );
+        assert_eq!(
+            params(json!({ "blr": 1e-3, "batch": 64 }))
+                .peak_lr(true)
+                .unwrap(),
+            2.5e-4
+        );
+        let both = params(json!({ "lr": 1e-3, "blr": 1e-3 })).peak_lr(true);
+        assert!(both.unwrap_err().to_string().contains("either `lr`"));
+    }
+
+    #[test]
+    fn short_last_batches_are_dropped_unless_they_are_the_only_one() {
+        assert_eq!(train_steps(381, 32), 11);
+        assert_eq!(train_steps(32, 32), 1);
+        assert_eq!(train_steps(5, 32), 1);
+    }
+
+    #[test]
+    fn selection_by_accuracy_keeps_the_earliest_tie() {
+        let first = Select::Accuracy.score(0.6, Some(0.7), 1.0);
+        let tie = Select::Accuracy.score(0.6, Some(0.9), 0.5);
+        assert!(
+            !better(tie, first),
+            "an equal accuracy keeps the earlier epoch"
+        );
+        assert!(better(Select::Accuracy.score(0.61, None, 2.0), first));
+        let auc = Select::Auc.score(0.5, Some(0.8), 1.0);
+        assert!(
+            better(Select::Auc.score(0.4, Some(0.8), 0.9), auc),
+            "AUC ties go to the lower loss"
+        );
     }
 }

@@ -26,19 +26,50 @@ pub struct ImageSet {
     pub sample_of: Vec<usize>,
 }
 
+/// How a stage reads a data input: the size images are stored at, and how the train split is
+/// divided.
+#[derive(Debug, Clone)]
+pub struct SetSpec {
+    /// Side of the decoded store; training crops are drawn from it and evaluation resizes it.
+    pub store: usize,
+    /// Share of the train split (grouped, stratified) held out for validation when the data
+    /// names no `val` rows.
+    pub val_fraction: f64,
+    /// k-fold instead of `val_fraction`: (folds, the fold used for validation).
+    pub folds: Option<(usize, usize)>,
+    /// Seeds the validation carve-out and the label subsample, apart from the model's seed, so
+    /// every model seed sees the same split.
+    pub split_seed: u64,
+    /// Keep this share of the training labels, per class (1.0: all).
+    pub label_fraction: f64,
+    pub max_images: Option<usize>,
+    pub on_bad: OnBadImage,
+}
+
+impl SetSpec {
+    /// All images in one split as the data defines it (test where labelled so), stored at `store`.
+    pub fn whole(store: usize, max_images: Option<usize>, on_bad: OnBadImage) -> SetSpec {
+        SetSpec {
+            store,
+            val_fraction: 0.0,
+            folds: None,
+            split_seed: 0,
+            label_fraction: 1.0,
+            max_images,
+            on_bad,
+        }
+    }
+}
+
+/// The side images are stored at for training at `img` px: `scale` x `img`, at least `img`.
+pub fn store_size(img: usize, scale: f64) -> usize {
+    ((img as f64 * scale).round() as usize).max(img)
+}
+
 impl ImageSet {
-    pub fn open(
-        item: &InputItem,
-        size: usize,
-        val_fraction: f64,
-        folds: Option<(usize, usize)>,
-        seed: u64,
-        max_images: Option<usize>,
-        on_bad: OnBadImage,
-        ctx: &StageCtx,
-    ) -> Result<ImageSet> {
+    pub fn open(item: &InputItem, spec: &SetSpec, ctx: &StageCtx) -> Result<ImageSet> {
         let mut dataset = source::open_with(&item.path, &item.options)?;
-        if let Some(max) = max_images {
+        if let Some(max) = spec.max_images {
             // Evenly spaced, so every class and split keeps its share.
             let n = dataset.samples.len();
             if max < n {
@@ -49,19 +80,30 @@ impl ImageSet {
         }
         let paths: Vec<_> = dataset.samples.iter().map(|s| s.path.clone()).collect();
         let origins: Vec<_> = dataset.samples.iter().map(|s| s.origin.clone()).collect();
+        let size = spec.store;
         ctx.log(&format!(
             "decoding {} images at {size} px from {}",
             paths.len(),
             item.path.display()
         ));
-        let decoded = decode_all(&paths, &origins, size, Some(&ctx.scratch_dir), on_bad)?;
+        let decoded = decode_all(&paths, &origins, size, Some(&ctx.scratch_dir), spec.on_bad)?;
         for (p, e) in &decoded.skipped {
             ctx.log(&format!("skipped {}: {e}", p.display()));
         }
-        let by_sample = match folds {
-            Some((k, fold)) => source::kfold_indices(&dataset, k, fold, seed)?,
-            None => source::split_indices(&dataset, val_fraction, seed),
+        let mut by_sample = match spec.folds {
+            Some((k, fold)) => source::kfold_indices(&dataset, k, fold, spec.split_seed)?,
+            None => source::split_indices(&dataset, spec.val_fraction, spec.split_seed),
         };
+        if spec.label_fraction < 1.0 {
+            if let Some(train) = by_sample.get_mut(&Split::Train) {
+                *train = source::subsample_per_class(
+                    &dataset,
+                    train,
+                    spec.label_fraction,
+                    spec.split_seed,
+                );
+            }
+        }
         let position: HashMap<usize, usize> = decoded
             .kept
             .iter()
@@ -92,13 +134,10 @@ impl ImageSet {
     /// the normalisation measured on them.
     pub fn unlabelled(
         item: &InputItem,
-        size: usize,
-        seed: u64,
-        max_images: Option<usize>,
-        on_bad: OnBadImage,
+        spec: &SetSpec,
         ctx: &StageCtx,
     ) -> Result<(ImageSet, Vec<usize>, Normalize)> {
-        let set = ImageSet::open(item, size, 0.0, None, seed, max_images, on_bad, ctx)?;
+        let set = ImageSet::open(item, spec, ctx)?;
         let mut positions = set.split(Split::Train).to_vec();
         positions.extend_from_slice(set.split(Split::Val));
         let (mean, std) = set.decoded.stats(&positions);
@@ -195,6 +234,40 @@ pub fn optimizer(params: &ParamStore, spec: &OptimSpec) -> Optim {
         },
         groups,
     ))
+}
+
+/// What a training stage is about to do, printed at its start: the numbers to check first when
+/// a model does not learn (a starved learning rate, a handful of steps, a warmup that never ends).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingPlan {
+    pub peak_lr: f64,
+    pub steps_per_epoch: usize,
+    pub epochs: usize,
+    pub warmup_epochs: f64,
+    /// Layer-wise lr decay, when applied.
+    pub layer_decay: Option<f64>,
+}
+
+impl TrainingPlan {
+    /// The plan as log lines, warnings (prefixed `warning:`) last.
+    pub fn describe(&self, images: usize) -> Vec<String> {
+        let total = self.steps_per_epoch * self.epochs;
+        let mut lines = vec![format!(
+            "training on {images} images: {} steps/epoch x {} epochs = {total} steps; peak lr {:.3e} after {} warmup epochs, then cosine; layer decay {}",
+            self.steps_per_epoch,
+            self.epochs,
+            self.peak_lr,
+            self.warmup_epochs.min(self.epochs as f64 / 2.0),
+            self.layer_decay.map_or("off".to_owned(), |d| format!("{d}")),
+        )];
+        if self.epochs > 0 && self.warmup_epochs >= self.epochs as f64 {
+            lines.push(format!(
+                "warning: warmup_epochs ({}) >= epochs ({}): warmup is cut to half the epochs, and the lr peaks only at the middle of training",
+                self.warmup_epochs, self.epochs
+            ));
+        }
+        lines
+    }
 }
 
 pub fn schedule(lr: f64, min_lr: f64, warmup_epochs: f64, epochs: usize) -> WarmupCosine {
@@ -397,4 +470,43 @@ pub fn finite(loss: f64, epoch: usize, step: usize) -> Result<f64> {
         bail!("loss became {loss} at epoch {epoch}, step {step}: lower the learning rate (`blr`) or enable `clip_grad`");
     }
     Ok(loss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_names_the_lr_and_the_steps_and_warns_of_an_endless_warmup() {
+        let plan = TrainingPlan {
+            peak_lr: 5e-4,
+            steps_per_epoch: 11,
+            epochs: 60,
+            warmup_epochs: 5.0,
+            layer_decay: Some(0.75),
+        };
+        let lines = plan.describe(381);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        for part in [
+            "381 images",
+            "11 steps/epoch x 60 epochs = 660 steps",
+            "peak lr 5.000e-4",
+            "layer decay 0.75",
+        ] {
+            assert!(lines[0].contains(part), "{part} in {}", lines[0]);
+        }
+        let short = TrainingPlan {
+            epochs: 3,
+            layer_decay: None,
+            ..plan
+        };
+        let lines = short.describe(381);
+        assert!(
+            lines[0].contains("after 1.5 warmup epochs") && lines[0].contains("layer decay off")
+        );
+        assert!(
+            lines[1].starts_with("warning: warmup_epochs (5) >= epochs (3)"),
+            "{lines:?}"
+        );
+    }
 }

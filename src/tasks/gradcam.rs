@@ -13,12 +13,12 @@
 //! the share of the map's energy inside the box; the random-weights maps give the chance level.
 //! Per box in `boxes.csv` (written only with a `boxes` input), summarised in the metrics.
 
-use super::fit::ImageSet;
+use super::fit::{ImageSet, SetSpec};
 use super::net::{ModelCard, Net};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
-use crate::data::augment::Grey;
 use crate::data::decode::OnBadImage;
 use crate::data::formats::FindingBox;
+use crate::data::loader;
 use crate::data::loader::Normalize;
 use crate::data::source::Split;
 use crate::nn::gradcam::{grad_cam, CamMethod};
@@ -451,12 +451,7 @@ impl Task for GradCamTask {
         let size = card.net.img_size;
         let set = ImageSet::open(
             inputs.item("data")?,
-            size,
-            0.0,
-            None,
-            0,
-            p.max_images,
-            p.on_bad_image,
+            &SetSpec::whole(card.store_size(), p.max_images, p.on_bad_image),
             ctx,
         )?;
         let test = set
@@ -493,7 +488,7 @@ impl Task for GradCamTask {
         for (chunk_no, chunk) in test.chunks(16).enumerate() {
             let x: Vec<f32> = chunk
                 .iter()
-                .flat_map(|&i| norm.apply(Grey::from_u8(set.decoded.image(i), size)))
+                .flat_map(|&i| norm.apply(loader::resized(&set.decoded, i, size)))
                 .collect();
             let x = Tensor::from_vec(x, (chunk.len(), 1, size, size), &Device::Cpu)?;
             let labels: Vec<usize> = chunk
@@ -653,11 +648,11 @@ fn write_overlays(
     let s = size as u32 * scale;
     let mut png = image::RgbImage::new(2 * s, s * shown.len().max(1) as u32);
     for (row, (i, map)) in shown.iter().enumerate() {
-        let img = set.decoded.image(*i);
+        let img = loader::resized(&set.decoded, *i, size).px;
         for y in 0..s {
             for x in 0..s {
                 let k = (y / scale) as usize * size + (x / scale) as usize;
-                let g = img[k] as f32 / 255.0;
+                let g = img[k];
                 let c = jet(map[k]);
                 let grey = [g, g, g].map(|v| (v * 255.0) as u8);
                 let over =

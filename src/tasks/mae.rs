@@ -4,11 +4,11 @@
 //! upstream encoder (chest MAE -> shoulder MAE).
 
 use super::fit::{
-    finite, load_checkpoint, save_checkpoint, scalar, schedule, EpochLoss, ImageSet, OptimSpec,
+    finite, load_checkpoint, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet,
+    OptimSpec, SetSpec,
 };
 use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
-use crate::data::augment::Grey;
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
 use crate::nn::mae::{masking_noise, plan_mask, Mae, MaeConfig, Masking};
@@ -84,6 +84,10 @@ pub struct Params {
     pub weight_decay: f64,
     #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
+    /// Images are decoded once at `decode_scale` x `img_size` and the random crops drawn from
+    /// that store, so a crop is resampled from pixels, not upsampled from a 64 px copy.
+    #[serde(default = "super::net::defaults::decode_scale")]
+    pub decode_scale: f64,
     #[serde(default)]
     pub seed: u64,
     /// Use at most this many images (evenly spaced), for quick runs.
@@ -200,7 +204,7 @@ struct History {
 
 impl Task for MaeTask {
     const KIND: &'static str = "mae";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "masked-image pretraining on radiographs: the official MAE for ViTs, a SimMIM-style variant for CNNs";
     const TRAINS: bool = true;
     type Params = Params;
@@ -244,14 +248,12 @@ fn pretraining_set(
     inputs: &Inputs,
     ctx: &StageCtx,
 ) -> Result<(ImageSet, Vec<usize>, Normalize)> {
-    let (set, train, norm) = ImageSet::unlabelled(
-        inputs.item("images")?,
-        p.img_size,
-        p.seed,
+    let spec = SetSpec::whole(
+        store_size(p.img_size, p.decode_scale),
         p.max_images,
         p.on_bad_image,
-        ctx,
-    )?;
+    );
+    let (set, train, norm) = ImageSet::unlabelled(inputs.item("images")?, &spec, ctx)?;
     if train.is_empty() {
         bail!(
             "{}: no images to pretrain on",
@@ -542,7 +544,7 @@ fn shown_images(
     let shown: Vec<usize> = train.iter().copied().take(p.recon_images.max(1)).collect();
     let x: Vec<f32> = shown
         .iter()
-        .flat_map(|&i| norm.apply(Grey::from_u8(set.decoded.image(i), set.decoded.size)))
+        .flat_map(|&i| norm.apply(loader::resized(&set.decoded, i, p.img_size)))
         .collect();
     Ok(Tensor::from_vec(
         x,

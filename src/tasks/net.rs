@@ -55,6 +55,10 @@ pub mod defaults {
     pub fn crop_scale() -> (f64, f64) {
         (0.5, 1.0)
     }
+    /// The store is 1.25x the training size, as the reference pipeline keeps it (80 px for 64).
+    pub fn decode_scale() -> f64 {
+        1.25
+    }
 }
 
 /// The two inputs of the self-supervised kinds (mae, proxy): unlabelled images and an optional
@@ -409,8 +413,19 @@ pub struct ModelCard {
     pub classes: Vec<String>,
     pub mean: f32,
     pub std: f32,
+    /// Side of the decoded store that evaluation resizes to `net.img_size` (0 in cards written
+    /// before the store existed: the image size itself).
+    #[serde(default)]
+    pub store: usize,
     #[serde(default)]
     pub best_epoch: usize,
+}
+
+impl ModelCard {
+    /// The side images are decoded at before they are resized to the network's input.
+    pub fn store_size(&self) -> usize {
+        self.store.max(self.net.img_size)
+    }
 }
 
 impl ModelCard {

@@ -8,8 +8,8 @@
 //! - `contrastive`: SimCLR, two augmented views per image, NT-Xent loss with a temperature.
 
 use super::fit::{
-    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, EpochLoss, ImageSet,
-    OptimSpec,
+    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, store_size,
+    EpochLoss, ImageSet, OptimSpec, SetSpec,
 };
 use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -64,6 +64,9 @@ pub struct Params {
     pub weight_decay: f64,
     #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
+    /// Images are decoded once at `decode_scale` x `img_size` and the crops drawn from there.
+    #[serde(default = "super::net::defaults::decode_scale")]
+    pub decode_scale: f64,
     #[serde(default = "d_perms")]
     pub jigsaw_perms: usize,
     /// Pixels of random offset inside each jigsaw cell.
@@ -155,7 +158,7 @@ fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
 
 impl Task for Proxy {
     const KIND: &'static str = "proxy";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "self-supervised proxy task (rotation, jigsaw, exemplar, contrastive) that trains an encoder";
     const TRAINS: bool = true;
     type Params = Params;
@@ -174,14 +177,12 @@ impl Task for Proxy {
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let dev = ctx.compute_device()?;
-        let (set, train, norm) = ImageSet::unlabelled(
-            inputs.item("images")?,
-            p.img_size,
-            p.seed,
+        let spec = SetSpec::whole(
+            store_size(p.img_size, p.decode_scale),
             p.max_images,
             p.on_bad_image,
-            ctx,
-        )?;
+        );
+        let (set, train, norm) = ImageSet::unlabelled(inputs.item("images")?, &spec, ctx)?;
         if train.len() < 2 {
             bail!(
                 "{}: a proxy task needs at least two images",

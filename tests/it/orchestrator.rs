@@ -478,12 +478,12 @@ fn a_param_at_its_default_is_the_same_key_as_leaving_it_out() {
     p.write(
         "pipelines/explicit.yaml",
         &with(
-            "    params: { epochs: 30, layer_decay: 0.55, drop_path: 0.2, randaug_magnitude: 6 }\n",
+            "    params: { epochs: 60, drop_path: 0.1, randaug_magnitude: 0, label_smoothing: 0.0, select: accuracy }\n",
         ),
     );
     p.write(
         "pipelines/changed.yaml",
-        &with("    params: { epochs: 31 }\n"),
+        &with("    params: { epochs: 61 }\n"),
     );
     let key = |f: &str| p.status(f)[0].2.clone();
     assert_eq!(key("pipelines/bare.yaml"), key("pipelines/explicit.yaml"));
