@@ -9,6 +9,7 @@ pub mod cli;
 pub mod data;
 pub mod exec;
 pub mod nn;
+pub mod panics;
 pub mod pipeline;
 pub mod rng;
 pub mod tasks;

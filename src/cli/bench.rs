@@ -98,7 +98,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         let rx = loader::epoch(n, batch, true, false, 0, 0, size, move |i, rng| {
             vec![(norm.apply(loader::view(&d, i, size, Some(&aug), rng)), 0)]
         });
-        let got: usize = rx.iter().map(|b| b.n).sum();
+        let got: usize = rx.map(|b| b.n).sum();
         let loader_rate = got as f64 / start.elapsed().as_secs_f64();
 
         let patch = if size % 16 == 0 && size >= 128 { 16 } else { 8 };

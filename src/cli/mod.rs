@@ -72,6 +72,20 @@ enum Command {
     /// Run one stage frozen into a job file (what a Slurm job of `run --executor slurm` runs).
     #[command(hide = true)]
     ExecJob(ExecJobArgs),
+    /// Run a command stage's shell command in its own process group, and stop the group when
+    /// pretext is interrupted or dies (see src/tasks/command.rs).
+    #[command(hide = true)]
+    CommandGuard(CommandGuardArgs),
+}
+
+#[derive(Args)]
+struct CommandGuardArgs {
+    /// The pretext process the command belongs to.
+    #[arg(long)]
+    parent: i32,
+    /// The command text, run by `sh -c`.
+    #[arg(last = true)]
+    run: std::ffi::OsString,
 }
 
 #[derive(Args)]
@@ -230,6 +244,8 @@ pub fn main() -> ExitCode {
         Command::Data(a) => data::data(a),
         Command::Bench(a) => bench::bench(a),
         Command::ExecJob(a) => exec_job(a, &catalog),
+        Command::CommandGuard(a) => crate::tasks::command::guard(a.parent, &a.run)
+            .map(|code| ExitCode::from(code.clamp(0, 255) as u8)),
         Command::Kinds => {
             print!("{}", kinds_text(&catalog));
             Ok(ExitCode::SUCCESS)

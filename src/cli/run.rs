@@ -11,16 +11,16 @@ use crate::tasks::Catalog;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pipeline: PipelineArgs,
-    /// Stages to run at once [default: number of CPUs].
-    #[arg(long, short)]
-    jobs: Option<usize>,
+    /// Stages to run at once, 1 to 1024 [default: number of CPUs].
+    #[arg(long, short, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    jobs: Option<u16>,
     /// Rerun these stages even if cached (repeatable; instance or template names).
     #[arg(long, value_name = "NAME")]
     force: Vec<String>,
@@ -72,7 +72,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         _ => None,
     };
     // Before any thread starts, so that no thread takes Ctrl-C with the default action.
-    let interrupted = slurm.is_some().then(interrupt_flag);
+    let interrupt = Interrupt::install(slurm.is_some());
     let (keys, blocked) = keys_or_blocked(&mut loaded);
     let mut force = vec![false; loaded.plan.stages.len()];
     for name in &args.force {
@@ -91,7 +91,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         hits.into_iter().for_each(|i| force[i] = true);
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let jobs = args.jobs.unwrap_or(cpus).max(1);
+    let jobs = args.jobs.map_or(cpus, usize::from);
     if args.device != "auto" {
         crate::tasks::parse_device(&args.device)
             .map_err(|e| UsageError(format!("--device: {e}")))?;
@@ -102,7 +102,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         scratch_dir: loaded.store.scratch_dir(),
         device: args.device.clone(),
         threads: (cpus / jobs).max(1),
-        cancel: Arc::new(AtomicBool::new(false)),
+        cancel: interrupt.flag.clone(),
     };
     let opts = RunOptions {
         walk: WalkOptions {
@@ -110,6 +110,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             gpus: args.gpus,
             cpus: cpus as u32,
             keep_going: args.keep_going,
+            interrupted: Some(interrupt.flag.clone()),
         },
         force,
     };
@@ -126,8 +127,8 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             reason: reason.clone(),
         });
     }
-    let status = match (slurm, &interrupted) {
-        (Some(config), Some(flag)) => slurm::run_plan(
+    let status = match slurm {
+        Some(config) => slurm::run_plan(
             &loaded.plan,
             &keys,
             &loaded.selected,
@@ -136,11 +137,11 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             &SlurmRun {
                 config,
                 device: (args.device != "auto").then(|| args.device.clone()),
-                interrupted: flag,
+                interrupted: &interrupt.flag,
             },
             sink,
         ),
-        _ => run_plan(
+        None => run_plan(
             &loaded.plan,
             &keys,
             &loaded.selected,
@@ -166,8 +167,8 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         || status
             .iter()
             .any(|s| matches!(s, Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)));
-    if interrupted.is_some_and(|f| f.load(Ordering::Relaxed)) {
-        return Ok(ExitCode::from(130));
+    if let Some(code) = interrupt.exit_code() {
+        return Ok(ExitCode::from(code));
     }
     Ok(if failed {
         ExitCode::from(1)
@@ -176,35 +177,57 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     })
 }
 
-/// The first Ctrl-C (or SIGTERM) sets the returned flag, which the Slurm follower polls to cancel
-/// this run's jobs; a second one quits at once. Works by blocking the signals in every thread
-/// and waiting for them in one, so no handler and no global state are needed. Call before any
-/// other thread starts: threads inherit the mask.
-fn interrupt_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    // SAFETY: plain libc calls on a sigset_t this function owns.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    let seen = flag.clone();
-    std::thread::spawn(move || loop {
-        let mut signal = 0;
-        // SAFETY: `set` is initialised and blocked in this thread.
-        if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-            return;
-        }
-        if seen.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "interrupted: cancelling this run's Slurm jobs (press Ctrl-C again to quit without \
-             waiting; jobs may then keep running)"
-        );
-    });
-    flag
+/// SIGINT and SIGTERM, taken by one thread. The first sets `flag`: a local run stops starting
+/// stages and its running stages see it as their cancel flag (training kinds stop after the
+/// step, command stages stop their process group), a Slurm run cancels its jobs; nothing is
+/// published, and the run exits 130 (SIGINT) or 143 (SIGTERM). A second signal quits at once.
+/// Works by blocking the signals in every thread and waiting for them in one, so no handler and
+/// no global state are needed. Install before any other thread starts: threads inherit the mask.
+struct Interrupt {
+    flag: Arc<AtomicBool>,
+    signal: Arc<AtomicI32>,
+}
+
+impl Interrupt {
+    fn install(slurm: bool) -> Interrupt {
+        let flag = Arc::new(AtomicBool::new(false));
+        let signal = Arc::new(AtomicI32::new(0));
+        // SAFETY: plain libc calls on a sigset_t this function owns.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        let (seen, which) = (flag.clone(), signal.clone());
+        std::thread::spawn(move || loop {
+            let mut got = 0;
+            // SAFETY: `set` is initialised and blocked in this thread.
+            if unsafe { libc::sigwait(&set, &mut got) } != 0 {
+                return;
+            }
+            if seen.swap(true, Ordering::SeqCst) {
+                std::process::exit(128 + got);
+            }
+            which.store(got, Ordering::SeqCst);
+            eprintln!(
+                "interrupted: {}; nothing unfinished is published (a second Ctrl-C quits at once{})",
+                if slurm {
+                    "cancelling this run's Slurm jobs"
+                } else {
+                    "stopping the running stages, whose checkpoints are kept for the next run"
+                },
+                if slurm { "; jobs may then keep running" } else { "" }
+            );
+        });
+        Interrupt { flag, signal }
+    }
+
+    /// 128 + the signal, once one came.
+    fn exit_code(&self) -> Option<u8> {
+        let signal = self.signal.load(Ordering::SeqCst);
+        (self.flag.load(Ordering::SeqCst) && signal > 0).then(|| (128 + signal) as u8)
+    }
 }

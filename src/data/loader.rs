@@ -78,8 +78,28 @@ pub fn resized(decoded: &Decoded, pos: usize, size: usize) -> Grey {
     resize(&Grey::from_u8(decoded.image(pos), decoded.size), size)
 }
 
+/// One epoch's batches as they arrive from the producer thread. A sample that panicked while it
+/// was built ends the epoch with that panic in the consumer's thread (where the stage turns it
+/// into its failure) instead of a silently short epoch.
+pub struct Batches {
+    rx: Receiver<Result<Batch, String>>,
+}
+
+impl Iterator for Batches {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Batch> {
+        match self.rx.recv() {
+            Ok(Ok(batch)) => Some(batch),
+            Ok(Err(message)) => panic!("building a batch failed: {message}"),
+            Err(_) => None,
+        }
+    }
+}
+
 /// Batches of `per_batch` items for one epoch, built ahead on another thread. `make` turns an item
 /// into one or more samples, drawing only from the stream it is given (seed, epoch, item).
+#[allow(clippy::too_many_arguments)]
 pub fn epoch<F>(
     items: usize,
     per_batch: usize,
@@ -89,7 +109,7 @@ pub fn epoch<F>(
     epoch: u64,
     size: usize,
     make: F,
-) -> Receiver<Batch>
+) -> Batches
 where
     F: Fn(usize, &mut Rng) -> Vec<Sample> + Send + Sync + 'static,
 {
@@ -98,37 +118,62 @@ where
     } else {
         (0..items).collect()
     };
-    let (tx, rx) = sync_channel::<Batch>(2);
+    let (tx, rx) = sync_channel::<Result<Batch, String>>(2);
     let make = Arc::new(make);
     std::thread::spawn(move || {
         for chunk in order.chunks(per_batch.max(1)) {
             if drop_last && chunk.len() < per_batch {
                 break;
             }
-            let made: Vec<(usize, Vec<Sample>)> = chunk
-                .par_iter()
-                .map(|&item| (item, make(item, &mut Rng::stream(seed, epoch, item as u64))))
-                .collect();
-            let mut batch = Batch {
-                x: Vec::new(),
-                y: Vec::new(),
-                items: Vec::new(),
-                n: 0,
-                size,
-            };
-            for (item, samples) in made {
-                for (px, y) in samples {
-                    debug_assert_eq!(px.len(), size * size);
-                    batch.x.extend(px);
-                    batch.y.push(y);
-                    batch.items.push(item);
-                    batch.n += 1;
-                }
-            }
-            if tx.send(batch).is_err() {
-                return; // the consumer stopped early
+            let built = crate::panics::catch(|| build(chunk, size, seed, epoch, &*make));
+            let failed = built.is_err();
+            if tx.send(built).is_err() || failed {
+                return; // the consumer stopped early, or the epoch cannot go on
             }
         }
     });
-    rx
+    Batches { rx }
+}
+
+fn build<F>(chunk: &[usize], size: usize, seed: u64, epoch: u64, make: &F) -> Batch
+where
+    F: Fn(usize, &mut Rng) -> Vec<Sample> + Sync,
+{
+    let made: Vec<(usize, Vec<Sample>)> = chunk
+        .par_iter()
+        .map(|&item| (item, make(item, &mut Rng::stream(seed, epoch, item as u64))))
+        .collect();
+    let mut batch = Batch {
+        x: Vec::new(),
+        y: Vec::new(),
+        items: Vec::new(),
+        n: 0,
+        size,
+    };
+    for (item, samples) in made {
+        for (px, y) in samples {
+            debug_assert_eq!(px.len(), size * size);
+            batch.x.extend(px);
+            batch.y.push(y);
+            batch.items.push(item);
+            batch.n += 1;
+        }
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_that_panics_ends_the_epoch_with_that_panic_not_silently() {
+        let batches = epoch(10, 4, false, false, 0, 0, 1, |i, _| {
+            assert!(i != 6, "sample {i} is broken");
+            vec![(vec![0.0], 0)]
+        });
+        let got = crate::panics::catch(|| batches.map(|b| b.n).sum::<usize>());
+        let message = got.unwrap_err();
+        assert!(message.contains("sample 6 is broken"), "{message}");
+    }
 }

@@ -189,7 +189,10 @@ impl Local<'_> {
             log: &log,
             peak_rss_kib: None,
         };
-        let result = (entry.run)(job.params, &job.inputs, &mut ctx);
+        // A panic (a bug, or a value no check caught) fails this stage with its message; the
+        // run goes on or stops as for any failure.
+        let result = crate::panics::catch(|| (entry.run)(job.params, &job.inputs, &mut ctx))
+            .unwrap_or_else(|msg| Err(anyhow::anyhow!("the stage panicked: {msg}")));
         let peak = ctx.peak_rss_kib.or_else(own_peak_rss_kib);
         log_file
             .into_inner()

@@ -7,7 +7,7 @@ use super::events::{Event, EventSink};
 use std::sync::mpsc;
 use std::time::Instant;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct WalkOptions {
     pub jobs: usize,
     /// GPU tokens on this machine. With none, GPU requests are ignored and stages run on the CPU.
@@ -16,6 +16,9 @@ pub struct WalkOptions {
     /// never fight over the same cores while light stages still run beside each other.
     pub cpus: u32,
     pub keep_going: bool,
+    /// Set on SIGINT / SIGTERM: no further stage starts (running ones see it as their cancel
+    /// flag and stop).
+    pub interrupted: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,19 +73,37 @@ pub fn walk(
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
     let mut started_flags = vec![false; nodes.len()];
     let gpu_need = |i: usize| if opts.gpus == 0 { 0 } else { nodes[i].gpus };
+    let interrupted = || {
+        opts.interrupted
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    };
 
     // A fixed pool of `jobs` workers: the cost per stage stays flat however large the DAG is
     // (no thread per stage), and cache hits never wait for a thread to start.
     let (job_tx, job_rx) = mpsc::channel::<(usize, Vec<u32>)>();
     let job_rx = std::sync::Mutex::new(job_rx);
     std::thread::scope(|scope| {
-        for _ in 0..opts.jobs.max(1) {
+        // More workers than stages would only be idle threads.
+        for _ in 0..opts.jobs.clamp(1, nodes.len().max(1)) {
             let (tx, job_rx) = (tx.clone(), &job_rx);
             scope.spawn(move || loop {
                 let next = job_rx.lock().expect("job queue").recv();
                 match next {
                     Ok((i, gpus)) => {
-                        if tx.send((i, runner(i, &gpus))).is_err() {
+                        // The cache layer turns a task's panic into a failure; this catches one
+                        // in pretext's own code, so a worker never dies with a stage running.
+                        let outcome =
+                            crate::panics::catch(|| runner(i, &gpus)).unwrap_or_else(|msg| {
+                                let error = format!("pretext panicked running this stage: {msg}");
+                                sink.emit(Event::StageFailed {
+                                    stage: nodes[i].name.to_owned(),
+                                    key: String::new(),
+                                    error: error.clone(),
+                                });
+                                Outcome::Failed { error }
+                            });
+                        if tx.send((i, outcome)).is_err() {
                             return;
                         }
                     }
@@ -112,9 +133,12 @@ pub fn walk(
                         reason: reason.clone(),
                     });
                     status[i] = Status::Skipped(reason);
-                } else if stop {
-                    let reason =
-                        "the run stopped after a failure (use --keep-going to continue)".to_owned();
+                } else if stop || interrupted() {
+                    let reason = if interrupted() {
+                        "the run was interrupted".to_owned()
+                    } else {
+                        "the run stopped after a failure (use --keep-going to continue)".to_owned()
+                    };
                     sink.emit(Event::StageSkipped {
                         stage: nodes[i].name.to_owned(),
                         reason: reason.clone(),
@@ -238,6 +262,31 @@ mod tests {
     }
 
     #[test]
+    fn a_panicking_stage_fails_with_its_message_and_the_walk_ends() {
+        let runner = |i: usize, _: &[u32]| {
+            if i == 1 {
+                let zero = std::hint::black_box(0usize);
+                let _ = 1 / zero;
+            }
+            Outcome::Ran { wall_s: 0.0 }
+        };
+        let opts = WalkOptions {
+            jobs: 2,
+            cpus: 2,
+            keep_going: true,
+            ..Default::default()
+        };
+        let status = walk(&chain(), &[true; 4], &opts, &runner, &Recorder::default());
+        match &status[1] {
+            Status::Done(Outcome::Failed { error }) => {
+                assert!(error.contains("divide by zero"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(status[2], Status::Skipped(_)));
+    }
+
+    #[test]
     fn runs_in_dependency_order() {
         let order = Mutex::new(Vec::new());
         let runner = |i: usize, _: &[u32]| {
@@ -249,6 +298,7 @@ mod tests {
             gpus: 0,
             cpus: 2,
             keep_going: false,
+            ..Default::default()
         };
         let status = walk(&chain(), &[true; 4], &opts, &runner, &Recorder::default());
         assert!(status
@@ -275,6 +325,7 @@ mod tests {
             gpus: 0,
             cpus: 2,
             keep_going: true,
+            ..Default::default()
         };
         let status = walk(&chain(), &[true; 4], &opts, &runner, &Recorder::default());
         assert!(matches!(status[1], Status::Skipped(_)));
@@ -329,6 +380,7 @@ mod tests {
             gpus: 0,
             cpus: 2,
             keep_going: false,
+            ..Default::default()
         };
         walk(&nodes, &[true; 4], &opts, &runner, &Recorder::default());
         let overlaps = overlaps.into_inner().unwrap();
@@ -376,6 +428,7 @@ mod tests {
             gpus: 1,
             cpus: 2,
             keep_going: false,
+            ..Default::default()
         };
         walk(&nodes, &[true, true], &opts, &runner, &Recorder::default());
         assert_eq!(
@@ -408,6 +461,7 @@ mod tests {
             gpus: 2,
             cpus: 2,
             keep_going: false,
+            ..Default::default()
         };
         walk(&nodes, &[true, true], &opts, &runner, &Recorder::default());
         let mut got = cards.into_inner().unwrap();

@@ -13,6 +13,12 @@
 //! | `PRETEXT_STAGE` | the stage's name |
 //! | `PRETEXT_DEVICE` | `cpu` or `cuda:N` |
 //!
+//! The command runs in a process group of its own, under a guard (this binary's hidden
+//! `command-guard`, see [`guard`]) that kills the whole group when the stage is cancelled, when
+//! pretext gets SIGINT or SIGTERM, and when pretext dies, `kill -9` included: `sh -c 'python3
+//! x.py'` forks, so killing `sh` alone would leave the script writing into a folder a later
+//! attempt publishes.
+//!
 //! A line `::progress DONE/TOTAL message` on stdout moves the stage's progress bar. A
 //! `$PRETEXT_OUT/metrics.json` is copied into the cache entry's manifest. The key covers the
 //! command text, the params and the content of every declared input, not files the command reads
@@ -60,8 +66,15 @@ impl Task for Command {
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let out = ctx.out_dir.join("out");
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        let mut cmd = Process::new("sh");
-        cmd.arg("-c").arg(&p.run).current_dir(&ctx.workdir);
+        let exe =
+            std::env::current_exe().context("finding the pretext binary for the command guard")?;
+        let mut cmd = Process::new(exe);
+        cmd.arg("command-guard")
+            .arg("--parent")
+            .arg(std::process::id().to_string())
+            .arg("--")
+            .arg(&p.run)
+            .current_dir(&ctx.workdir);
         cmd.env("PRETEXT_OUT", &out)
             .env("PRETEXT_CHECKPOINT", &ctx.checkpoint_dir)
             .env("PRETEXT_STAGE", ctx.stage)
@@ -89,15 +102,7 @@ impl Task for Command {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; it makes the kernel kill the command when pretext
-        // dies (kill -9 included), so no orphan keeps writing into a staging folder.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().context("starting `sh`")?;
+        let mut child = cmd.spawn().context("starting the command guard")?;
         let pid = child.id() as libc::pid_t;
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -112,6 +117,7 @@ impl Task for Command {
                     reaped_rx.recv_timeout(Duration::from_millis(50))
                 {
                     if ctx.cancelled() {
+                        // The guard stops the command's whole process group.
                         // SAFETY: the child is not reaped yet (no message came), so pid is still ours.
                         unsafe { libc::kill(pid, libc::SIGTERM) };
                         return;
@@ -125,13 +131,19 @@ impl Task for Command {
         // The child was reaped by wait4 above; forget the std handle so it does not wait again.
         drop(child);
         ctx.peak_rss_kib = Some(rusage.ru_maxrss as u64);
+        if ctx.cancelled() {
+            bail!("interrupted: the command and every process it started were stopped");
+        }
         if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            let code = libc::WEXITSTATUS(status);
             let how = if libc::WIFSIGNALED(status) {
                 format!("was killed by signal {}", libc::WTERMSIG(status))
+            } else if code > 128 {
+                format!("was killed by signal {}", code - 128)
             } else {
-                format!("exited with code {}", libc::WEXITSTATUS(status))
+                format!("exited with code {code}")
             };
-            bail!("command {how}: {}", p.run);
+            bail!("command {how}: {}", clip(&p.run, 300));
         }
         let metrics_file = out.join("metrics.json");
         if metrics_file.is_file() {
@@ -140,6 +152,79 @@ impl Task for Command {
                 .with_context(|| format!("{} is not valid JSON", metrics_file.display()));
         }
         Ok(Value::Object(Map::new()))
+    }
+}
+
+/// The first `max` characters of `text`, with `...` when cut (error messages quote commands).
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// `pretext command-guard --parent PID -- RUN`: runs `sh -c RUN` in a new process group and
+/// stays beside it until it exits, then kills whatever the command left running in its group.
+/// SIGTERM, SIGINT or SIGHUP to the guard, or the death of `parent` (delivered as SIGTERM by
+/// `PR_SET_PDEATHSIG`), stop the whole group: SIGTERM, then SIGKILL after a grace period.
+/// Returns the command's exit code, or 128 + the signal that ended it.
+pub fn guard(parent: libc::pid_t, run: &std::ffi::OsStr) -> Result<i32> {
+    // SAFETY: plain libc calls on values this function owns; no other thread exists yet, so the
+    // mask applies to the signal thread spawned below and is reset by `spawn` for `sh`.
+    let set = unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    // pretext may have died before the prctl above took effect.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } != parent {
+        return Ok(128 + libc::SIGTERM);
+    }
+    let child = Process::new("sh")
+        .arg("-c")
+        .arg(run)
+        .process_group(0)
+        .spawn()
+        .context("starting `sh`")?;
+    let group = child.id() as libc::pid_t;
+    std::thread::spawn(move || {
+        let mut signal = 0;
+        // SAFETY: `set` is initialised and blocked in this thread.
+        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+            stop_group(group);
+        }
+    });
+    let (status, _) = wait_with_rusage(group)?;
+    // Background processes the command started and did not wait for must not outlive it: the
+    // stage's output is final once pretext sees the command end.
+    // SAFETY: signals a process group this function created.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+    drop(child);
+    Ok(if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    })
+}
+
+/// SIGTERM to the group, then SIGKILL if anything is left after five seconds.
+fn stop_group(group: libc::pid_t) {
+    // SAFETY: signals a process group the guard created; kill with signal 0 only tests it.
+    unsafe {
+        libc::kill(-group, libc::SIGTERM);
+        for _ in 0..50 {
+            if libc::kill(-group, 0) != 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        libc::kill(-group, libc::SIGKILL);
     }
 }
 

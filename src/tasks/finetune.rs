@@ -184,6 +184,23 @@ fn d_select() -> Select {
 pub const PRETRAINED_LAYER_DECAY: f64 = 0.75;
 
 impl Params {
+    /// The network this stage trains, with `classes` outputs.
+    pub fn net(&self, classes: usize) -> NetDesc {
+        NetDesc {
+            arch: self.model.clone(),
+            img_size: self.img_size,
+            patch: self.patch,
+            vit_dims: self.vit_dims,
+            densenet_dims: self.densenet_dims.clone(),
+            drop_path: if self.mode == Mode::Full {
+                self.drop_path
+            } else {
+                0.0
+            },
+            num_classes: classes,
+        }
+    }
+
     /// The peak learning rate: `lr`, `blr` scaled by the batch, or the family default.
     pub fn peak_lr(&self, is_vit: bool) -> Result<f64> {
         match (self.lr, self.blr) {
@@ -248,7 +265,7 @@ pub fn evaluate_split(
         size,
         move |i, _| vec![(norm.apply(loader::resized(&d, pos[i], size)), lab[i])],
     );
-    for b in rx.iter() {
+    for b in rx {
         let (x, y) = batch_tensors(&b, &dev)?;
         let logits = net.logits(&x, None, &mut Taps::none())?;
         loss_sum += scalar(&cross_entropy(&logits, &y, 0.0)?)? * b.n as f64;
@@ -299,6 +316,55 @@ impl Task for Finetune {
             InputSlot { name: "init", required: false, many: false, doc: "an upstream encoder (e.g. `chest_mae.encoder`)" },
             InputSlot { name: "imagenet", required: false, many: false, doc: "ImageNet weights saved as safetensors from timm / torchvision (`file:weights/resnet18.safetensors`)" },
         ])
+    }
+
+    fn check(p: &Params) -> super::checks::Checked {
+        use super::checks::{crop_scale, positive, positive_f, schedule, within};
+        p.net(2).check()?;
+        schedule(p.epochs, p.batch, p.warmup_epochs, p.weight_decay)?;
+        if let Some(lr) = p.lr {
+            positive_f("lr", lr)?;
+        }
+        if let Some(blr) = p.blr {
+            positive_f("blr", blr)?;
+        }
+        if p.lr.is_some() && p.blr.is_some() {
+            return Err(
+                "give either `lr` (used as given) or `blr` (per 256 images), not both".into(),
+            );
+        }
+        within("min_lr", p.min_lr, 0.0, f64::MAX, false)?;
+        if let Some(d) = p.layer_decay {
+            within("layer_decay", d, f64::MIN_POSITIVE, 1.0, false)?;
+        }
+        within("label_smoothing", p.label_smoothing, 0.0, 1.0, true)?;
+        within("randaug_magnitude", p.randaug_magnitude, 0.0, 10.0, false)?;
+        within("center_bias", p.center_bias, 0.0, 1.0, true)?;
+        within("decode_scale", p.decode_scale, 1.0, 8.0, false)?;
+        within("val_fraction", p.val_fraction, 0.0, 1.0, true)?;
+        within(
+            "label_fraction",
+            p.label_fraction,
+            f64::MIN_POSITIVE,
+            1.0,
+            false,
+        )?;
+        crop_scale(p.crop_scale)?;
+        if let Some(c) = p.clip_grad {
+            positive_f("clip_grad", c)?;
+        }
+        if let Some(k) = p.folds {
+            if k < 2 || p.fold.unwrap_or(0) >= k {
+                return Err(format!(
+                    "k-fold needs `folds` >= 2 and 0 <= `fold` < `folds` (got folds {k}, fold {})",
+                    p.fold.unwrap_or(0)
+                ));
+            }
+        }
+        if p.randaug_magnitude > 0.0 {
+            positive("randaug_n", p.randaug_n)?;
+        }
+        Ok(())
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {
@@ -354,19 +420,7 @@ impl Task for Finetune {
         }
         let (mean, std) = set.decoded.stats(&train);
         let norm = Normalize { mean, std };
-        let desc = NetDesc {
-            arch: p.model.clone(),
-            img_size: p.img_size,
-            patch: p.patch,
-            vit_dims: p.vit_dims,
-            densenet_dims: p.densenet_dims.clone(),
-            drop_path: if p.mode == Mode::Full {
-                p.drop_path
-            } else {
-                0.0
-            },
-            num_classes: classes.len(),
-        };
+        let desc = p.net(classes.len());
         let net = Net::build(&desc, p.seed, &dev)?;
         let init = match (
             inputs.optional_path("init"),
@@ -463,10 +517,8 @@ impl Task for Finetune {
             let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
             let mut rng = Rng::stream(p.seed, epoch as u64, 0xD209);
             let mut lr = 0.0;
-            for (step, b) in rx.iter().enumerate() {
-                if ctx.cancelled() {
-                    bail!("cancelled");
-                }
+            for (step, b) in rx.enumerate() {
+                super::fit::check_cancelled(ctx, epoch)?;
                 let (x, y) = batch_tensors(&b, &dev)?;
                 let logits = net.logits(&x, Some(&mut rng), &mut Taps::none())?;
                 let loss = cross_entropy(&logits, &y, p.label_smoothing)?;

@@ -464,6 +464,18 @@ impl EpochLoss {
     }
 }
 
+/// Ends a training stage that was cancelled (SIGINT / SIGTERM to pretext): at a step boundary,
+/// keeping the checkpoint of the last whole epoch, which the next attempt resumes from.
+pub fn check_cancelled(ctx: &StageCtx, epoch: usize) -> Result<()> {
+    if ctx.cancelled() {
+        bail!(
+            "interrupted during epoch {}; the checkpoint after epoch {epoch} is kept and the next run resumes from it",
+            epoch + 1
+        );
+    }
+    Ok(())
+}
+
 /// Stops training on a non-finite loss, naming where, instead of writing a NaN model.
 pub fn finite(loss: f64, epoch: usize, step: usize) -> Result<f64> {
     if !loss.is_finite() {

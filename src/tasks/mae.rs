@@ -213,6 +213,42 @@ impl Task for MaeTask {
         Some(super::net::images_and_init_inputs())
     }
 
+    fn check(p: &Params) -> super::checks::Checked {
+        use super::checks::{crop_scale, positive, positive_f, schedule, within};
+        p.desc().check()?;
+        schedule(p.epochs, p.batch, p.warmup_epochs, p.weight_decay)?;
+        positive_f("blr", p.blr)?;
+        within("min_lr", p.min_lr, 0.0, f64::MAX, false)?;
+        within("decode_scale", p.decode_scale, 1.0, 8.0, false)?;
+        crop_scale(p.crop_scale)?;
+        if p.img_size % p.patch != 0 {
+            return Err(format!(
+                "`img_size` {} is not a multiple of the masking `patch` {}",
+                p.img_size, p.patch
+            ));
+        }
+        let patches = (p.img_size / p.patch).pow(2);
+        let kept = (patches as f64 * (1.0 - p.mask_ratio)) as usize;
+        if !(0.0..1.0).contains(&p.mask_ratio) || kept == 0 {
+            return Err(format!(
+                "`mask_ratio` {} leaves no visible patch of {patches}",
+                p.mask_ratio
+            ));
+        }
+        if p.desc().is_vit() {
+            positive("decoder_dim", p.decoder_dim)?;
+            positive("decoder_depth", p.decoder_depth)?;
+            positive("decoder_heads", p.decoder_heads)?;
+            if p.decoder_dim % p.decoder_heads != 0 {
+                return Err(format!(
+                    "{} `decoder_heads` do not divide `decoder_dim` {}",
+                    p.decoder_heads, p.decoder_dim
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn outputs(_: &Params) -> Vec<OutputSlot> {
         vec![
             OutputSlot {
@@ -270,7 +306,7 @@ fn epoch_batches(
     train: &[usize],
     norm: Normalize,
     epoch: usize,
-) -> std::sync::mpsc::Receiver<crate::data::loader::Batch> {
+) -> crate::data::loader::Batches {
     let aug = TrainAug {
         crop_scale: p.crop_scale,
         center_bias: 0.0,
@@ -506,10 +542,8 @@ fn train_loop(
     for epoch in start..p.epochs {
         let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
         let mut rng = Rng::stream(p.seed, epoch as u64, 0xB7A1);
-        for (step, b) in epoch_batches(p, set, train, norm, epoch).iter().enumerate() {
-            if ctx.cancelled() {
-                bail!("cancelled");
-            }
+        for (step, b) in epoch_batches(p, set, train, norm, epoch).enumerate() {
+            super::fit::check_cancelled(ctx, epoch)?;
             let x = Tensor::from_slice(&b.x, (b.n, 1, p.img_size, p.img_size), dev)?;
             let loss = loss_of(&x, epoch, step, &mut rng)?;
             let value = finite(scalar(&loss)?, epoch, step)?;

@@ -6,6 +6,7 @@
 //! The orchestrator, in turn, sees tasks only through the type-erased [`TaskEntry`] rows of the
 //! [`Catalog`], so it never names a model.
 
+pub mod checks;
 pub mod command;
 pub mod evaluate;
 pub mod finetune;
@@ -56,6 +57,11 @@ pub trait Task {
     /// `None` accepts any slot name (the `command` kind).
     fn inputs(p: &Self::Params) -> Option<Vec<InputSlot>>;
     fn outputs(p: &Self::Params) -> Vec<OutputSlot>;
+    /// Refuses values no run could use (a zero batch, an image size the patch does not divide),
+    /// at plan time, before any stage starts. Defaults are applied already.
+    fn check(_p: &Self::Params) -> std::result::Result<(), String> {
+        Ok(())
+    }
     /// Writes outputs into `ctx.out_dir` and returns the metrics recorded in the manifest.
     fn run(p: &Self::Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value>;
 }
@@ -67,7 +73,7 @@ pub struct TaskEntry {
     pub version: u32,
     pub summary: &'static str,
     pub trains: bool,
-    /// Parses params, applies defaults, and returns them in canonical form.
+    /// Parses params, applies defaults, checks them, and returns them in canonical form.
     pub normalize: fn(Value) -> std::result::Result<Value, String>,
     pub inputs: fn(&Value) -> Option<Vec<InputSlot>>,
     pub outputs: fn(&Value) -> Vec<OutputSlot>,
@@ -86,6 +92,7 @@ pub fn entry<T: Task>() -> TaskEntry {
         trains: T::TRAINS,
         normalize: |v| {
             let p: T::Params = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            T::check(&p)?;
             serde_json::to_value(p).map_err(|e| e.to_string())
         },
         inputs: |v| T::inputs(&parse::<T>(v)),

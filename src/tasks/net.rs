@@ -140,6 +140,52 @@ impl NetDesc {
         Ok(cfg)
     }
 
+    /// The plan-time check of a network description: a known model, sizes above zero, a patch
+    /// that divides the image, heads that divide the width.
+    pub fn check(&self) -> super::checks::Checked {
+        use super::checks::positive;
+        if !KNOWN.contains(&self.arch.as_str()) {
+            return Err(format!(
+                "unknown model `{}`; known: {}",
+                self.arch,
+                KNOWN.join(", ")
+            ));
+        }
+        positive("img_size", self.img_size)?;
+        positive("patch", self.patch)?;
+        super::checks::within("drop_path", self.drop_path, 0.0, 1.0, true)?;
+        if self.is_vit() {
+            if self.img_size % self.patch != 0 {
+                return Err(format!(
+                    "`img_size` {} is not a multiple of `patch` {}",
+                    self.img_size, self.patch
+                ));
+            }
+            match (self.arch.as_str(), self.vit_dims) {
+                ("vit", None) => {
+                    return Err("`model: vit` needs `vit_dims: [embed_dim, depth, heads]`".into())
+                }
+                (_, Some([dim, depth, heads])) => {
+                    positive("vit_dims[0] (embed dim)", dim)?;
+                    positive("vit_dims[1] (depth)", depth)?;
+                    positive("vit_dims[2] (heads)", heads)?;
+                    if dim % heads != 0 {
+                        return Err(format!(
+                            "`vit_dims`: {heads} heads do not divide the embed dim {dim}"
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(dims) = &self.densenet_dims {
+            if dims.len() < 3 || dims.contains(&0) {
+                return Err(format!("`densenet_dims` is {dims:?}; it needs [growth, init_features, blocks...], every number at least 1"));
+            }
+        }
+        Ok(())
+    }
+
     /// Feature width of the backbone (what a head sees).
     pub fn feature_dim(&self) -> Result<usize> {
         Ok(match self.arch.as_str() {

@@ -109,6 +109,21 @@ fn d_proj() -> usize {
     64
 }
 
+impl Params {
+    /// The network this stage trains, with `outputs` outputs for the proxy head.
+    fn desc(&self, outputs: usize) -> NetDesc {
+        NetDesc {
+            arch: self.model.clone(),
+            img_size: self.img_size,
+            patch: self.patch,
+            vit_dims: self.vit_dims,
+            densenet_dims: self.densenet_dims.clone(),
+            drop_path: 0.0,
+            num_classes: outputs,
+        }
+    }
+}
+
 /// Permutations of `n` tiles chosen greedily for maximal minimum Hamming distance (Noroozi &
 /// Favaro), from seeded random candidates; the identity comes first.
 pub fn hamming_permutations(n: usize, count: usize, seed: u64) -> Vec<Vec<usize>> {
@@ -167,6 +182,34 @@ impl Task for Proxy {
         Some(super::net::images_and_init_inputs())
     }
 
+    fn check(p: &Params) -> super::checks::Checked {
+        use super::checks::{crop_scale, positive, positive_f, schedule, within};
+        p.desc(1).check()?;
+        schedule(p.epochs, p.batch, p.warmup_epochs, p.weight_decay)?;
+        positive_f("blr", p.blr)?;
+        within("decode_scale", p.decode_scale, 1.0, 8.0, false)?;
+        crop_scale(p.crop_scale)?;
+        match p.task {
+            ProxyKind::Jigsaw => {
+                if p.img_size < 3 * (p.jigsaw_jitter + 1) {
+                    return Err(format!(
+                        "jigsaw needs `img_size` of at least 3 x (jitter + 1) = {} pixels",
+                        3 * (p.jigsaw_jitter + 1)
+                    ));
+                }
+                if p.jigsaw_perms < 2 {
+                    return Err("`jigsaw_perms` must be at least 2".into());
+                }
+            }
+            ProxyKind::Contrastive => {
+                positive_f("temperature", p.temperature)?;
+                positive("projection_dim", p.projection_dim)?;
+            }
+            ProxyKind::Rotation | ProxyKind::Exemplar => {}
+        }
+        Ok(())
+    }
+
     fn outputs(_: &Params) -> Vec<OutputSlot> {
         vec![OutputSlot {
             name: "encoder",
@@ -200,15 +243,7 @@ impl Task for Proxy {
             ProxyKind::Exemplar => train.len(),
             ProxyKind::Contrastive => p.projection_dim,
         };
-        let desc = NetDesc {
-            arch: p.model.clone(),
-            img_size: p.img_size,
-            patch: p.patch,
-            vit_dims: p.vit_dims,
-            densenet_dims: p.densenet_dims.clone(),
-            drop_path: 0.0,
-            num_classes: outputs,
-        };
+        let desc = p.desc(outputs);
         let net = Net::build(&desc, p.seed, &dev)?;
         if let Some(init) = inputs.optional_path("init") {
             let note = net.load_init(init)?;
@@ -302,10 +337,8 @@ impl Task for Proxy {
             let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
             let mut correct = 0usize;
             let mut rng = Rng::stream(p.seed, epoch as u64, 0x9B0C);
-            for (step, b) in rx.iter().enumerate() {
-                if ctx.cancelled() {
-                    bail!("cancelled");
-                }
+            for (step, b) in rx.enumerate() {
+                super::fit::check_cancelled(ctx, epoch)?;
                 let (x, y) = batch_tensors(&b, &dev)?;
                 let logits = net.logits(&x, Some(&mut rng), &mut Taps::none())?;
                 let loss = match p.task {

@@ -204,3 +204,38 @@ fn a_var_that_shadows_a_matrix_axis_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn values_no_run_could_use_are_refused_before_any_stage_runs() {
+    let p = Project::new();
+    p.write("data/d/x.png", "x");
+    p.write(
+        "pipelines/m.yaml",
+        "vars:\n  patch: 8\n  batch: 32\n  dims: [16, 1, 2]\ndata:\n  d: { path: data/d }\nstages:\n  first:\n    kind: command\n    run: echo ran >> first.txt\n  mae:\n    kind: mae\n    inputs: { images: data.d }\n    params: { model: vit, vit_dims: \"${dims}\", patch: \"${patch}\", batch: \"${batch}\" }\n",
+    );
+    for (set, says) in [
+        ("patch=0", "`patch` must be at least 1"),
+        ("patch=7", "`img_size` 64 is not a multiple of `patch` 7"),
+        ("batch=0", "`batch` must be at least 1"),
+        (
+            "dims=[0,1,1]",
+            "`vit_dims[0] (embed dim)` must be at least 1",
+        ),
+        ("dims=[16,1,3]", "3 heads do not divide the embed dim 16"),
+    ] {
+        let r = p.run(&["run", "pipelines/m.yaml", "--set", set]);
+        assert_eq!(r.code, 2, "--set {set}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(says) && r.stderr.contains("m.yaml:"),
+            "--set {set}: {}",
+            r.stderr
+        );
+        assert!(
+            !p.path().join("first.txt").exists(),
+            "a stage ran before the check"
+        );
+    }
+    let r = p.run(&["run", "pipelines/m.yaml", "--jobs", "100000"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--jobs"), "{}", r.stderr);
+}

@@ -5,5 +5,6 @@ mod datasets;
 mod fuzz;
 mod orchestrator;
 mod science;
+mod signals;
 mod slurm;
 mod util;
