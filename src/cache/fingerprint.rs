@@ -42,7 +42,7 @@ pub fn fingerprint(path: &Path, state_dir: &Path) -> io::Result<(Fingerprint, Fi
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let mut files = Vec::new();
     if meta.is_dir() {
-        walk(path, "", &mut files)?;
+        walk(path, "", &[(meta.dev(), meta.ino())], &mut files)?;
     } else {
         files.push(FileEntry {
             rel: String::new(),
@@ -103,7 +103,14 @@ fn stamp(meta: &fs::Metadata) -> Stamp {
     }
 }
 
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<FileEntry>) -> io::Result<()> {
+/// Files under `dir`, following symlinks; `ancestors` are the (device, inode) of the folders
+/// above, so a symlink back up the tree is an error instead of an endless walk.
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    ancestors: &[(u64, u64)],
+    out: &mut Vec<FileEntry>,
+) -> io::Result<()> {
     let mut subdirs = Vec::new();
     for entry in fs::read_dir(dir)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
@@ -125,7 +132,17 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<FileEntry>) -> io::Result<()> {
             entry.metadata()?
         };
         if file_type.is_dir() {
-            subdirs.push((abs, rel));
+            let id = (meta.dev(), meta.ino());
+            if ancestors.contains(&id) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: a symlink loop (it leads back to a folder above it)",
+                        abs.display()
+                    ),
+                ));
+            }
+            subdirs.push((abs, rel, id));
         } else if file_type.is_file() {
             out.push(FileEntry {
                 rel,
@@ -137,9 +154,11 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<FileEntry>) -> io::Result<()> {
     // Sub-folders in parallel: a 100k-file tree is mostly stat calls.
     let nested: Vec<io::Result<Vec<FileEntry>>> = subdirs
         .par_iter()
-        .map(|(abs, rel)| {
+        .map(|(abs, rel, id)| {
             let mut v = Vec::new();
-            walk(abs, rel, &mut v).map(|_| v)
+            let mut chain = ancestors.to_vec();
+            chain.push(*id);
+            walk(abs, rel, &chain, &mut v).map(|_| v)
         })
         .collect();
     for n in nested {

@@ -80,6 +80,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             &paths,
             &origins,
             size,
+            None,
             Some(&scratch),
             OnBadImage::Skip,
         )?);

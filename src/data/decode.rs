@@ -9,7 +9,6 @@ use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -136,32 +135,31 @@ pub fn check_complete(bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Decodes `paths` at `size`, reusing `cache_dir/decoded-<key>.bin` when the same files (by path,
-/// size and mtime) were decoded at this size before. `origins` name where each path was declared.
+/// Decodes `paths` at `size`, reusing `cache_dir/decoded-<key>.bin` when the same files were
+/// decoded at this size before. The key is the files' content: `content`, the data input's
+/// fingerprint (which covers every file the paths name), or else a hash of each file read here.
+/// Never path and mtime: an image replaced by another of the same size and time must not be
+/// served as the old pixels. `origins` name where each path was declared.
 pub fn decode_all(
     paths: &[PathBuf],
     origins: &[String],
     size: usize,
+    content: Option<&str>,
     cache_dir: Option<&Path>,
     on_bad: OnBadImage,
 ) -> Result<Decoded> {
     let key = {
         let mut h = blake3::Hasher::new();
-        h.update(format!("grey-u8-triangle-v1 {size}\n").as_bytes());
+        h.update(format!("grey-u8-triangle-v2 {size} {on_bad:?}\n").as_bytes());
+        h.update(content.unwrap_or("per-file").as_bytes());
         for p in paths {
-            let m = std::fs::metadata(p).ok();
-            h.update(
-                format!(
-                    "{}\t{}\t{}\n",
-                    p.display(),
-                    m.as_ref().map_or(0, |m| m.len()),
-                    m.as_ref()
-                        .map_or(0, |m| m.mtime_nsec() + m.mtime() * 1_000_000_000)
-                )
-                .as_bytes(),
-            );
+            h.update(p.as_os_str().as_encoded_bytes());
+            h.update(b"\n");
+            if content.is_none() {
+                // Unreadable files hash as empty: decoding reports them by name.
+                h.update(blake3::hash(&std::fs::read(p).unwrap_or_default()).as_bytes());
+            }
         }
-        h.update(format!("{on_bad:?}").as_bytes());
         h.finalize().to_hex()[..32].to_owned()
     };
     let cache_file = cache_dir.map(|d| d.join(format!("decoded-{key}.bin")));
@@ -295,14 +293,71 @@ mod tests {
             .unwrap();
         let paths = vec![img.clone(), img];
         let origins = vec![String::new(); 2];
-        let first = decode_all(&paths, &origins, 8, Some(dir.path()), OnBadImage::Error).unwrap();
+        let first = decode_all(
+            &paths,
+            &origins,
+            8,
+            None,
+            Some(dir.path()),
+            OnBadImage::Error,
+        )
+        .unwrap();
         assert!(matches!(first.pixels, Pixels::Owned(_)));
-        let again = decode_all(&paths, &origins, 8, Some(dir.path()), OnBadImage::Error).unwrap();
+        let again = decode_all(
+            &paths,
+            &origins,
+            8,
+            None,
+            Some(dir.path()),
+            OnBadImage::Error,
+        )
+        .unwrap();
         assert!(
             matches!(again.pixels, Pixels::Mapped { .. }),
             "the second decode reads the cache file"
         );
         assert_eq!(first.pixels(), again.pixels());
         assert_eq!(again.kept, vec![0, 1]);
+
+        // Same size, same mtime, other pixels: a new decode, not the cached one.
+        let flat = |v: u8, path: &Path| {
+            image::GrayImage::from_pixel(20, 10, image::Luma([v]))
+                .save(path)
+                .unwrap()
+        };
+        flat(10, &paths[0]);
+        let first = decode_all(
+            &paths,
+            &origins,
+            8,
+            None,
+            Some(dir.path()),
+            OnBadImage::Error,
+        )
+        .unwrap();
+        let before = std::fs::metadata(&paths[0]).unwrap();
+        let mtime = before.modified().unwrap();
+        flat(200, &paths[0]);
+        assert_eq!(std::fs::metadata(&paths[0]).unwrap().len(), before.len());
+        std::fs::File::options()
+            .write(true)
+            .open(&paths[0])
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let replaced = decode_all(
+            &paths,
+            &origins,
+            8,
+            None,
+            Some(dir.path()),
+            OnBadImage::Error,
+        )
+        .unwrap();
+        assert!(
+            matches!(replaced.pixels, Pixels::Owned(_)),
+            "decoded afresh"
+        );
+        assert_ne!(replaced.pixels(), first.pixels());
     }
 }

@@ -12,49 +12,11 @@
 //!   uncertainty policy for -1 labels: `ones`, `zeros`, or `mixed` (U-Ones for Atelectasis and
 //!   Edema, U-Zeros for the rest, the common practice).
 
-use super::source::{csv_fields, Dataset, Sample, Split};
+use super::dataset::{Dataset, Sample, Split};
+use super::table::Table;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
-
-/// A CSV with a header row: the trimmed column names and the (line number, fields) of every
-/// non-empty data row.
-struct Table {
-    file: PathBuf,
-    header: Vec<String>,
-    rows: Vec<(usize, Vec<String>)>,
-}
-
-impl Table {
-    fn read(file: &Path) -> Result<Table> {
-        let text = read(file)?;
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
-        let header = csv_fields(lines.next().map(|l| l.1).unwrap_or_default())
-            .into_iter()
-            .map(|h| h.trim().to_owned())
-            .collect();
-        let rows = lines.map(|(i, l)| (i + 1, csv_fields(l))).collect();
-        Ok(Table {
-            file: file.to_path_buf(),
-            header,
-            rows,
-        })
-    }
-
-    fn column(&self, name: &str) -> Result<usize> {
-        self.header
-            .iter()
-            .position(|h| h == name)
-            .with_context(|| format!("{}: no `{name}` column", self.file.display()))
-    }
-}
 
 /// The folder that `MURA-v1.1/...` paths are relative to: `root` itself or its parent.
 fn base_for(root: &Path, prefix: &str) -> PathBuf {
@@ -70,47 +32,32 @@ pub fn mura(root: &Path, body_part: Option<&str>) -> Result<Dataset> {
     let dir = base.join("MURA-v1.1");
     let mut samples = Vec::new();
     for (split_name, split) in [("train", Split::Train), ("valid", Split::Test)] {
-        let studies_csv = dir.join(format!("{split_name}_labeled_studies.csv"));
+        let studies = Table::headerless(&dir.join(format!("{split_name}_labeled_studies.csv")))?;
         let mut study_label: HashMap<String, usize> = HashMap::new();
-        for (i, line) in read(&studies_csv)?
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let f = csv_fields(line);
+        for (line, f) in &studies.rows {
             let (Some(study), Some(label)) = (f.first(), f.get(1)) else {
-                bail!(
-                    "{}:{}: expected `study_dir/,label`",
-                    studies_csv.display(),
-                    i + 1
-                )
+                bail!("{}: expected `study_dir/,label`", studies.origin(*line))
             };
-            let label: usize = label.trim().parse().with_context(|| {
+            let label: usize = label.parse().with_context(|| {
                 format!(
-                    "{}:{}: label `{label}` is not 0 or 1 (the file has no header row)",
-                    studies_csv.display(),
-                    i + 1
+                    "{}: label `{label}` is not 0 or 1 (the file has no header row)",
+                    studies.origin(*line)
                 )
             })?;
-            study_label.insert(study.trim().trim_end_matches('/').to_owned(), label);
+            study_label.insert(study.trim_end_matches('/').to_owned(), label);
         }
-        let paths_csv = dir.join(format!("{split_name}_image_paths.csv"));
-        for (i, line) in read(&paths_csv)?
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let rel = line.trim().trim_matches('"');
+        let paths = Table::headerless(&dir.join(format!("{split_name}_image_paths.csv")))?;
+        for (line, f) in &paths.rows {
+            let rel = f[0].as_str();
             if body_part.is_some_and(|b| !rel.split('/').any(|seg| seg == b)) {
                 continue;
             }
             let study = rel.rsplit_once('/').map_or(rel, |(s, _)| s);
             let label = *study_label.get(study).with_context(|| {
                 format!(
-                    "{}:{}: study {study} is not in {}",
-                    paths_csv.display(),
-                    i + 1,
-                    studies_csv.display()
+                    "{}: study {study} is not in {}",
+                    paths.origin(*line),
+                    studies.file.display()
                 )
             })?;
             samples.push(Sample {
@@ -118,7 +65,7 @@ pub fn mura(root: &Path, body_part: Option<&str>) -> Result<Dataset> {
                 label: Some(label),
                 split: Some(split),
                 group: Some(study.to_owned()),
-                origin: format!("{}:{}", paths_csv.display(), i + 1),
+                origin: paths.origin(*line),
                 targets: None,
             });
         }
@@ -177,14 +124,16 @@ pub fn nih(root: &Path) -> Result<Dataset> {
         .map(|f| root.join(f))
         .find(|p| p.is_file())
         .with_context(|| format!("{}: no Data_Entry_2017.csv", root.display()))?;
-    let table = Table::read(&entry)?;
+    let table = Table::with_header(&entry)?;
     let (ci, cf, cp) = (
         table.column("Image Index")?,
         table.column("Finding Labels")?,
         table.column("Patient ID")?,
     );
     let list = |f: &str| -> Result<std::collections::HashSet<String>> {
-        Ok(read(&root.join(f))?
+        let file = root.join(f);
+        Ok(std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?
             .lines()
             .map(|l| l.trim().to_owned())
             .filter(|l| !l.is_empty())
@@ -262,7 +211,7 @@ pub fn nih_boxes(root: &Path) -> Result<Vec<FindingBox>> {
 /// `Infiltration` of `Data_Entry_2017.csv`), or any CSV whose header names `path`, `x`, `y`, `w`,
 /// `h` and optionally `label`.
 pub fn read_boxes(file: &Path) -> Result<Vec<FindingBox>> {
-    let t = Table::read(file)?;
+    let t = Table::with_header(file)?;
     let nih = t.header.first().is_some_and(|h| h == "Image Index");
     let cols: [Option<usize>; 6] = if nih {
         [Some(0), Some(1), Some(2), Some(3), Some(4), Some(5)]
@@ -349,7 +298,7 @@ pub fn chexpert(root: &Path, csv: &str, views: &str, uncertain: &str) -> Result<
         base.join("CheXpert-v1.0-small")
     };
     let file = dir.join(csv);
-    let table = Table::read(&file)?;
+    let table = Table::with_header(&file)?;
     let (cpath, cview) = (table.column("Path")?, table.column("Frontal/Lateral")?);
     let cols: Vec<usize> = CHEXPERT_OBSERVATIONS
         .iter()

@@ -2,108 +2,29 @@
 //! folder with `labels.csv`, or one sub-folder per class. Splits are grouped (by patient or study)
 //! so no group straddles train and validation.
 
+use super::table::Table;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Split {
-    Train,
-    Val,
-    Test,
-}
-
-impl Split {
-    pub fn parse(s: &str) -> Option<Split> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "train" | "training" => Some(Split::Train),
-            "val" | "valid" | "validation" => Some(Split::Val),
-            "test" => Some(Split::Test),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Sample {
-    pub path: PathBuf,
-    pub label: Option<usize>,
-    pub split: Option<Split>,
-    /// Patient or study: the unit that must not be split across train and validation.
-    pub group: Option<String>,
-    /// Where the sample was declared, for error messages (`labels.csv:17`).
-    pub origin: String,
-    /// Multi-label targets (NIH, CheXpert), one value per class in `Dataset::classes`.
-    pub targets: Option<Vec<f32>>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Dataset {
-    pub root: PathBuf,
-    pub classes: Vec<String>,
-    pub samples: Vec<Sample>,
-}
-
-/// Splits a CSV line with double-quoted fields (`"a, b"`, `""` for a quote).
-pub fn csv_fields(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, quoted) {
-            ('"', true) if chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
-            ('"', _) => quoted = !quoted,
-            (',', false) => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    out.push(cur);
-    out
-}
+pub use super::dataset::{Dataset, Sample, Split};
 
 /// `root/labels.csv` with a header naming at least `path` and `label`, optionally `split` and
 /// `patient` or `study`. `classes`, when given, fixes the label set and its order.
 pub fn folder_with_csv(root: &Path, csv: &str, classes: Option<&[String]>) -> Result<Dataset> {
-    let csv_path = root.join(csv);
-    let text = std::fs::read_to_string(&csv_path)
-        .with_context(|| format!("reading {}", csv_path.display()))?;
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let Some((_, header)) = lines.next() else {
-        bail!("{} is empty", csv_path.display())
-    };
-    let header: Vec<String> = csv_fields(header)
-        .into_iter()
-        .map(|h| h.trim().to_ascii_lowercase())
-        .collect();
-    let col = |name: &str| header.iter().position(|h| h == name);
-    let path_col = col("path").with_context(|| {
-        format!(
-            "{}: the header needs a `path` column (found: {})",
-            csv_path.display(),
-            header.join(", ")
-        )
-    })?;
-    let label_col = col("label");
-    let split_col = col("split");
-    let group_col = col("patient").or_else(|| col("study"));
+    let table = Table::with_header(&root.join(csv))?;
+    if table.header.is_empty() {
+        bail!("{} is empty", table.file.display())
+    }
+    let path_col = table.column("path")?;
+    let label_col = table.find("label");
+    let split_col = table.find("split");
+    let group_col = table.find("patient").or_else(|| table.find("study"));
     let mut raw = Vec::new();
-    for (i, line) in lines {
-        let f = csv_fields(line);
-        let get = |c: Option<usize>| {
-            c.and_then(|c| f.get(c))
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-        };
-        let origin = format!("{}:{}", csv_path.display(), i + 1);
+    for (line, f) in &table.rows {
+        let get = |c: Option<usize>| c.and_then(|c| f.get(c)).filter(|s| !s.is_empty()).cloned();
+        let origin = table.origin(*line);
         let Some(path) = get(Some(path_col)) else {
             bail!("{origin}: empty `path`")
         };
@@ -131,6 +52,7 @@ pub fn folder_with_csv(root: &Path, csv: &str, classes: Option<&[String]>) -> Re
             .into_iter()
             .collect(),
     };
+    refuse_case_twins(&classes, &raw)?;
     let mut samples = Vec::with_capacity(raw.len());
     for (path, label, split, group, origin) in raw {
         let label = match label {
@@ -152,13 +74,41 @@ pub fn folder_with_csv(root: &Path, csv: &str, classes: Option<&[String]>) -> Re
         });
     }
     if samples.is_empty() {
-        bail!("{} lists no images", csv_path.display());
+        bail!("{} lists no images", table.file.display());
     }
     Ok(Dataset {
         root: root.to_path_buf(),
         classes,
         samples,
     })
+}
+
+type RawRow = (
+    PathBuf,
+    Option<String>,
+    Option<Split>,
+    Option<String>,
+    String,
+);
+
+/// Two labels that differ only by case (`Depuy`, `depuy`) are a typo, not two classes: one of
+/// them would train an almost empty class.
+fn refuse_case_twins(classes: &[String], raw: &[RawRow]) -> Result<()> {
+    for (i, a) in classes.iter().enumerate() {
+        if let Some(b) = classes[i + 1..].iter().find(|b| b.eq_ignore_ascii_case(a)) {
+            let row = |l: &str| {
+                raw.iter()
+                    .find(|r| r.1.as_deref() == Some(l))
+                    .map_or(String::new(), |r| format!(" (first at {})", r.4))
+            };
+            bail!(
+                "labels `{a}`{} and `{b}`{} differ only by case; write one spelling (pretext treats them as two classes)",
+                row(a),
+                row(b)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One sub-folder per class (`root/<class>/*.png`), or `root/<split>/<class>/*` when the first
@@ -246,7 +196,20 @@ pub fn class_folders(root: &Path) -> Result<Dataset> {
 
 /// Opens a data input as its `source` option says: `folder` (default: `labels.csv`, or the file
 /// named in `labels`, else class folders), `mura`, `nih` or `chexpert` (see `formats`).
+///
+/// Every listed file must lie inside `root` (a path is relative to the folder and may not leave
+/// it; a symlink inside the folder is followed, and its target is part of the folder's
+/// fingerprint) and be a regular file where it exists, and no image may sit in two splits.
 pub fn open_with(
+    root: &Path,
+    options: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Dataset> {
+    let ds = read_layout(root, options)?;
+    check_files(&ds)?;
+    Ok(ds)
+}
+
+fn read_layout(
     root: &Path,
     options: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Dataset> {
@@ -276,6 +239,52 @@ pub fn open_with(
             root.display()
         ),
     }
+}
+
+/// The rules [`open_with`] states: files inside the folder, regular files (a FIFO or a device
+/// would block the reader forever), one split per image.
+fn check_files(ds: &Dataset) -> Result<()> {
+    let mut split_of: std::collections::HashMap<&Path, (Option<Split>, &str)> =
+        std::collections::HashMap::new();
+    for s in &ds.samples {
+        let inside = s.path.strip_prefix(&ds.root).is_ok_and(|rel| {
+            rel.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            })
+        });
+        if !inside {
+            bail!(
+                "{}: `{}` is outside the data folder {}; paths are relative to the folder and may not leave it (copy or link the image into the folder)",
+                s.origin,
+                s.path.display(),
+                ds.root.display()
+            );
+        }
+        if let Ok(meta) = std::fs::metadata(&s.path) {
+            if !meta.is_file() {
+                bail!(
+                    "{}: `{}` is not a regular file (a folder, FIFO, socket or device); list image files only",
+                    s.origin,
+                    s.path.display()
+                );
+            }
+        }
+        if let Some((split, origin)) = split_of.insert(&s.path, (s.split, &s.origin)) {
+            if split != s.split {
+                bail!(
+                    "{}: `{}` is listed in the {:?} split here and in the {:?} split at {origin}; an image in two splits leaks the test set",
+                    s.origin,
+                    s.path.display(),
+                    s.split.unwrap_or(Split::Train),
+                    split.unwrap_or(Split::Train)
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens a data folder: `labels.csv` if present (or the file named in `labels`), class folders otherwise.

@@ -8,7 +8,7 @@ pub mod slurm;
 pub mod stage_job;
 
 use crate::cache::journal::{Journal, JournalLine};
-use crate::cache::Store;
+use crate::cache::{KeyedInput, Store};
 use crate::pipeline::{InputRef, Plan, PlannedInput};
 use crate::tasks::{InputItem, InputValue, Inputs};
 use cached::{Job, Local, Outcome};
@@ -28,17 +28,24 @@ pub struct RunOptions {
 /// The paths a stage's task reads: upstream entries (and outputs inside them) and data folders.
 pub fn resolve_inputs(plan: &Plan, keys: &[Keyed], store: &Store, index: usize) -> Inputs {
     let stage = &plan.stages[index];
-    let item = |r: &InputRef| match r {
+    let keyed = &keys[index].input.inputs;
+    // The k-th ref of a slot was keyed as the k-th entry of that slot in the key input.
+    let item = |slot: &str, k: usize, r: &InputRef| match r {
         InputRef::Stage { stage: up, output } => {
             let dir = store.entry_dir(&plan.stages[*up].kind, &keys[*up].key);
             InputItem {
                 path: output.as_ref().map_or(dir.clone(), |o| dir.join(&o.path)),
                 options: Default::default(),
+                digest: None,
             }
         }
         InputRef::Data { path, options } => InputItem {
             path: path.clone(),
             options: options.clone(),
+            digest: match keyed.get(slot).and_then(|v| v.get(k)) {
+                Some(KeyedInput::Data { fingerprint, .. }) => Some(fingerprint.hex()),
+                _ => None,
+            },
         },
     };
     Inputs(
@@ -47,8 +54,13 @@ pub fn resolve_inputs(plan: &Plan, keys: &[Keyed], store: &Store, index: usize) 
             .iter()
             .map(|(slot, input)| {
                 let value = match input {
-                    PlannedInput::One(r) => InputValue::One(item(r)),
-                    PlannedInput::Many(rs) => InputValue::Many(rs.iter().map(item).collect()),
+                    PlannedInput::One(r) => InputValue::One(item(slot, 0, r)),
+                    PlannedInput::Many(rs) => InputValue::Many(
+                        rs.iter()
+                            .enumerate()
+                            .map(|(k, r)| item(slot, k, r))
+                            .collect(),
+                    ),
                 };
                 (slot.clone(), value)
             })

@@ -86,7 +86,14 @@ impl ImageSet {
             paths.len(),
             item.path.display()
         ));
-        let decoded = decode_all(&paths, &origins, size, Some(&ctx.scratch_dir), spec.on_bad)?;
+        let decoded = decode_all(
+            &paths,
+            &origins,
+            size,
+            item.digest.as_deref(),
+            Some(&ctx.scratch_dir),
+            spec.on_bad,
+        )?;
         for (p, e) in &decoded.skipped {
             ctx.log(&format!("skipped {}: {e}", p.display()));
         }

@@ -145,6 +145,10 @@ pub struct InputItem {
     pub path: PathBuf,
     /// Options written beside a data entry (`labels: labels.csv`, `source: mura`); empty otherwise.
     pub options: serde_json::Map<String, Value>,
+    /// A data input's content fingerprint (hex), which covers every file in it: what derived
+    /// data (decoded images) is keyed by. `None` for upstream outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -204,7 +204,7 @@ fn bad_images_are_named_with_their_row_or_skipped_and_counted() {
     let origins = vec!["labels.csv:2".to_owned(), "labels.csv:3".to_owned()];
     let err = format!(
         "{:#}",
-        decode_all(&paths, &origins, 16, None, OnBadImage::Error).unwrap_err()
+        decode_all(&paths, &origins, 16, None, None, OnBadImage::Error).unwrap_err()
     );
     assert!(
         err.contains("truncated.jpeg")
@@ -212,7 +212,7 @@ fn bad_images_are_named_with_their_row_or_skipped_and_counted() {
             && err.contains("on_bad_image: skip"),
         "{err}"
     );
-    let d = decode_all(&paths, &origins, 16, None, OnBadImage::Skip).unwrap();
+    let d = decode_all(&paths, &origins, 16, None, None, OnBadImage::Skip).unwrap();
     assert_eq!((d.len(), d.skipped.len()), (1, 1));
     // A missing file listed in a CSV is reported by inspect, with its row.
     p.write("set/labels.csv", "path,label\nmissing.png,a\n");

@@ -3,6 +3,7 @@
 mod cli_errors;
 mod datasets;
 mod fuzz;
+mod hostile;
 mod orchestrator;
 mod science;
 mod signals;

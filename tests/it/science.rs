@@ -354,6 +354,7 @@ fn models_learn_on_real_images_and_every_parameter_gets_a_gradient() {
         &vec![String::new(); paths.len()],
         32,
         None,
+        None,
         OnBadImage::Error,
     )
     .unwrap();
