@@ -50,6 +50,10 @@ pub struct Manifest {
     pub key_input: KeyInput,
     /// blake3 of every file in the entry except the manifest itself, by relative path.
     pub outputs: BTreeMap<String, String>,
+    /// Size in bytes of every file in `outputs`: what a cache hit checks before it is trusted
+    /// (empty in entries written before sizes were recorded).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sizes: BTreeMap<String, u64>,
     pub started_at_unix: u64,
     pub wall_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,9 +101,26 @@ impl Entry {
     }
 }
 
+/// What [`Store::check`] found at a key's place.
+#[derive(Debug)]
+pub enum EntryState {
+    Intact(Entry),
+    Absent,
+    /// Something is there but cannot be trusted; the reason says what. Recomputing replaces it.
+    Damaged(String),
+}
+
 /// Held while a stage of this key runs; released on drop (or by the kernel if the process dies).
 pub struct KeyLock {
     _file: File,
+}
+
+impl KeyLock {
+    /// The lock's file descriptor: a child process that inherits it holds the lock until it
+    /// exits, even if pretext dies first.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self._file)
+    }
 }
 
 /// The temp folder a stage writes into.
@@ -153,22 +174,62 @@ impl Store {
         self.root.join(kind).join(key.hex())
     }
 
+    /// The entry of `key`, if it exists and passes the quick check of [`Store::check`].
     pub fn lookup(&self, kind: &str, key: &StageKey) -> Option<Entry> {
+        match self.check(kind, key) {
+            EntryState::Intact(entry) => Some(entry),
+            EntryState::Absent | EntryState::Damaged(_) => None,
+        }
+    }
+
+    /// What is at `key`'s place, checked before it is trusted: a real folder (not a symlink
+    /// someone planted), a manifest that parses and names this key, and every output file
+    /// present at its recorded size. A flipped byte keeps its size: `verify` hashes contents.
+    /// About 20 us per entry (BENCHMARKS.md).
+    pub fn check(&self, kind: &str, key: &StageKey) -> EntryState {
         let dir = self.entry_dir(kind, key);
-        dir.join(MANIFEST).is_file().then(|| Entry {
+        match fs::symlink_metadata(&dir) {
+            Err(_) => return EntryState::Absent,
+            Ok(m) if !m.is_dir() => {
+                return EntryState::Damaged(format!("{} is not a folder", dir.display()))
+            }
+            Ok(_) => {}
+        }
+        let entry = Entry {
             dir,
             kind: kind.to_owned(),
             key: *key,
-        })
+        };
+        let manifest = match entry.manifest() {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return EntryState::Damaged("its manifest.json is missing".into())
+            }
+            Err(e) => return EntryState::Damaged(format!("its manifest is unreadable: {e}")),
+        };
+        if manifest.key != *key {
+            return EntryState::Damaged("its manifest names another key".into());
+        }
+        for name in manifest.outputs.keys() {
+            let path = entry.dir.join(name);
+            let size = match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() => m.len(),
+                Ok(_) => return EntryState::Damaged(format!("{name} is not a regular file")),
+                Err(_) => return EntryState::Damaged(format!("{name} is missing")),
+            };
+            if manifest.sizes.get(name).is_some_and(|&want| want != size) {
+                return EntryState::Damaged(format!(
+                    "{name} has {size} bytes, the manifest recorded {}",
+                    manifest.sizes[name]
+                ));
+            }
+        }
+        EntryState::Intact(entry)
     }
 
     /// Takes the key's lock, calling `on_wait` once if another process holds it.
     pub fn lock(&self, key: &StageKey, on_wait: impl FnOnce()) -> io::Result<KeyLock> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("locks").join(format!("{}.lock", key.hex())))?;
+        let file = self.open_lock(&self.root.join("locks").join(format!("{}.lock", key.hex())))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -180,11 +241,59 @@ impl Store {
         Ok(KeyLock { _file: file })
     }
 
+    /// Held by every run and Slurm job for as long as it uses the cache (shared: runs do not
+    /// exclude each other); `gc` takes it exclusively, so it never deletes an entry a live run
+    /// is reading or about to read.
+    pub fn share_with_runs(&self) -> io::Result<KeyLock> {
+        let file = self.open_lock(&self.root.join("locks").join("runs.lock"))?;
+        file.lock_shared()?;
+        Ok(KeyLock { _file: file })
+    }
+
+    /// The exclusive side of [`Store::share_with_runs`], for gc; `on_wait` is called once if a
+    /// run holds the cache.
+    pub fn exclude_runs(&self, on_wait: impl FnOnce()) -> io::Result<KeyLock> {
+        let file = self.open_lock(&self.root.join("locks").join("runs.lock"))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                on_wait();
+                file.lock()?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        Ok(KeyLock { _file: file })
+    }
+
+    /// Opens (creating) a lock file without following a symlink: a link planted in a shared
+    /// cache must not make pretext create or truncate a file elsewhere.
+    fn open_lock(&self, path: &Path) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| {
+                let why = if e.raw_os_error() == Some(libc::ELOOP) {
+                    "it is a symlink, which pretext does not follow inside its cache; remove it"
+                        .to_owned()
+                } else {
+                    e.to_string()
+                };
+                io::Error::new(e.kind(), format!("lock file {}: {why}", path.display()))
+            })
+    }
+
     /// Whether some process holds the key's lock right now (for gc, which must not delete a
     /// running stage's staging folder).
     pub fn is_locked(&self, key: &StageKey) -> bool {
         let path = self.root.join("locks").join(format!("{}.lock", key.hex()));
-        let Ok(file) = File::options().write(true).open(path) else {
+        if !fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            return false;
+        }
+        let Ok(file) = self.open_lock(&path) else {
             return false;
         };
         matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock))
@@ -194,6 +303,15 @@ impl Store {
     pub fn stage(&self, kind: &str, key: &StageKey, _lock: &KeyLock) -> io::Result<Staging> {
         let dir = self.root.join("tmp").join(key.hex());
         let checkpoint_dir = dir.join(CHECKPOINT);
+        // Something other than a folder at the staging path (a symlink someone planted, say) is
+        // removed itself, never followed: emptying the folder a link points to would delete
+        // files outside the cache, and publishing would move the link into place.
+        if fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(&dir)?;
+        }
+        if fs::symlink_metadata(&checkpoint_dir).is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(&checkpoint_dir)?;
+        }
         if dir.exists() {
             for entry in fs::read_dir(&dir)? {
                 let entry = entry?;
@@ -215,8 +333,17 @@ impl Store {
     /// Replaces an existing entry of the same key (a `--force` rerun).
     pub fn publish(&self, staging: Staging, mut manifest: Manifest) -> io::Result<Entry> {
         remove_any(&staging.checkpoint_dir)?;
-        manifest.outputs = hash_tree(&staging.dir)?;
-        manifest.outputs.remove(MANIFEST);
+        let files = hash_tree(&staging.dir)?;
+        manifest.outputs = files
+            .iter()
+            .filter(|(name, _)| *name != MANIFEST)
+            .map(|(name, (digest, _))| (name.clone(), digest.clone()))
+            .collect();
+        manifest.sizes = files
+            .into_iter()
+            .filter(|(name, _)| name != MANIFEST)
+            .map(|(name, (_, size))| (name, size))
+            .collect();
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?;
         let mut file = File::create(staging.dir.join(MANIFEST))?;
         file.write_all(&bytes)?;
@@ -224,7 +351,7 @@ impl Store {
         sync_tree(&staging.dir)?;
         let target = self.entry_dir(&staging.kind, &staging.key);
         fs::create_dir_all(target.parent().expect("entry has a kind folder"))?;
-        if target.exists() {
+        if fs::symlink_metadata(&target).is_ok() {
             self.remove(&Entry {
                 dir: target.clone(),
                 kind: staging.kind.clone(),
@@ -319,7 +446,7 @@ pub fn verify(entry: &Entry) -> Vec<String> {
     for (path, digest) in &manifest.outputs {
         match actual.get(path) {
             None => problems.push(format!("{path}: missing")),
-            Some(d) if d != digest => problems.push(format!("{path}: content changed")),
+            Some((d, _)) if d != digest => problems.push(format!("{path}: content changed")),
             Some(_) => {}
         }
     }
@@ -329,7 +456,9 @@ pub fn verify(entry: &Entry) -> Vec<String> {
     problems
 }
 
-fn hash_tree(dir: &Path) -> io::Result<BTreeMap<String, String>> {
+/// (blake3 hex, size) of every file under `dir`, by relative path. Symlinks are not followed:
+/// a link inside an entry is an error, not a way to read files outside the cache.
+fn hash_tree(dir: &Path) -> io::Result<BTreeMap<String, (String, u64)>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![(dir.to_path_buf(), String::new())];
     while let Some((d, prefix)) = stack.pop() {
@@ -341,10 +470,17 @@ fn hash_tree(dir: &Path) -> io::Result<BTreeMap<String, String>> {
             } else {
                 format!("{prefix}/{name}")
             };
-            if e.file_type()?.is_dir() {
+            let kind = e.file_type()?;
+            if kind.is_dir() {
                 stack.push((e.path(), rel));
+            } else if kind.is_file() {
+                let size = e.metadata()?.len();
+                out.insert(rel, (hash_file(&e.path())?.hex(), size));
             } else {
-                out.insert(rel, hash_file(&e.path())?.hex());
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: not a regular file (a symlink?)", e.path().display()),
+                ));
             }
         }
     }

@@ -1,12 +1,13 @@
 use super::open_store;
+use crate::cache::journal::{now_unix, Journal};
 use crate::cache::store::verify as verify_entry;
-use crate::cache::StageKey;
+use crate::cache::{KeyedInput, StageKey};
 use crate::exec::keys::stage_keys;
 use crate::pipeline::{load_plan, LoadOptions};
 use crate::tasks::Catalog;
 use anyhow::{Context, Result};
 use clap::Args;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -24,6 +25,10 @@ pub struct GcArgs {
     /// output) untouched for this many days.
     #[arg(long, default_value_t = 7.0, value_name = "DAYS")]
     keep_jobs_days: f64,
+    /// Keep every entry a run recorded in the last DAYS days (whatever vars, profile or --set
+    /// made its key), with everything upstream of it.
+    #[arg(long, default_value_t = 30.0, value_name = "DAYS")]
+    keep_days: f64,
 }
 
 #[derive(Args)]
@@ -47,6 +52,11 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes what no pipeline and no recent run reaches. Kept: every stage of every pipeline file
+/// under `--pipelines`, under its default vars and under each of its profiles; every key a run
+/// recorded in the journals within `--keep-days` (so `--set` and profile results survive);
+/// everything upstream of a kept entry; the checkpoints of kept stages. gc waits while a run
+/// uses the cache, so it never deletes what a live run reads.
 pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
     let mut files = Vec::new();
     yaml_files(&args.pipelines, &mut files)
@@ -59,15 +69,43 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let store = open_store(args.cache.as_deref(), &root)?;
+    let _alone = store.exclude_runs(|| {
+        eprintln!("waiting: a pretext run is using this cache (gc deletes nothing while it runs)")
+    })?;
     let mut keep: HashSet<StageKey> = HashSet::new();
     for file in &files {
         // A pipeline that does not load could reach anything: refuse rather than delete its entries.
         let plan = load_plan(file, catalog, &LoadOptions::default())?;
-        let all = vec![true; plan.stages.len()];
-        for k in stage_keys(&plan, &store, &all).into_iter().flatten() {
-            keep.insert(k.key);
+        let mut plans = vec![plan];
+        for profile in plans[0].profiles.clone() {
+            let opts = LoadOptions {
+                profile: Some(profile),
+                set: Vec::new(),
+            };
+            plans.push(load_plan(file, catalog, &opts)?);
+        }
+        for plan in &plans {
+            let all = vec![true; plan.stages.len()];
+            keep.extend(
+                stage_keys(plan, &store, &all)
+                    .into_iter()
+                    .flatten()
+                    .map(|k| k.key),
+            );
         }
     }
+    let since = now_unix().saturating_sub((args.keep_days.max(0.0) * 86_400.0) as u64);
+    for journal in Journal::all(&store.journal_dir()) {
+        keep.extend(
+            journal
+                .lines()
+                .into_iter()
+                .filter(|l| l.at_unix > since)
+                .map(|l| l.key),
+        );
+    }
+    let entries = store.entries()?;
+    keep_upstream(&entries, &mut keep);
     let verb = if args.dry_run {
         "would remove"
     } else {
@@ -80,9 +118,10 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
         }
         Ok(())
     };
-    let mut removed = 0;
-    for entry in store.entries()? {
+    let (mut removed, mut kept) = (0, 0);
+    for entry in &entries {
         if keep.contains(&entry.key) {
+            kept += 1;
             continue;
         }
         let stage = entry
@@ -91,25 +130,43 @@ pub fn gc(args: GcArgs, catalog: &Catalog) -> Result<ExitCode> {
             .unwrap_or_else(|_| "?".into());
         println!("{verb} {}/{} ({stage})", entry.kind, entry.key.short());
         if !args.dry_run {
-            store.remove(&entry)?;
+            store.remove(entry)?;
         }
         removed += 1;
     }
+    let mut unfinished = 0;
     for (key, dir) in store.staging_dirs()? {
         if !keep.contains(&key) && !store.is_locked(&key) {
             remove_folder("unfinished", &dir)?;
+            unfinished += 1;
         }
     }
     for run in old_job_runs(&store.jobs_dir(), args.keep_jobs_days)? {
         remove_folder("Slurm job folder", &run)?;
     }
     println!(
-        "{} pipelines, {} entries kept, {removed} {}",
+        "{} pipelines; {kept} of {} entries kept, {removed} {verb}; {unfinished} unfinished stages {verb}",
         files.len(),
-        keep.len(),
-        if args.dry_run { "to remove" } else { "removed" }
+        entries.len(),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Adds to `keep` every entry a kept entry was computed from, through the upstream keys in
+/// their manifests.
+fn keep_upstream(entries: &[crate::cache::store::Entry], keep: &mut HashSet<StageKey>) {
+    let upstream: HashMap<StageKey, Vec<StageKey>> = entries
+        .iter()
+        .filter_map(|e| Some((e.key, upstream_keys(&e.manifest().ok()?))))
+        .collect();
+    let mut todo: Vec<StageKey> = keep.iter().copied().collect();
+    while let Some(k) = todo.pop() {
+        for up in upstream.get(&k).into_iter().flatten() {
+            if keep.insert(*up) {
+                todo.push(*up);
+            }
+        }
+    }
 }
 
 /// Run folders under `jobs` in which nothing changed for `days` (a running job keeps appending
@@ -148,29 +205,84 @@ fn old_job_runs(jobs: &Path, days: f64) -> Result<Vec<PathBuf>> {
     Ok(old)
 }
 
+/// Hashes every entry against its manifest. With `--remove`, a corrupted entry is removed
+/// together with every entry computed from it (its downstream, through the keys in their
+/// manifests): those were built on data that can no longer be trusted.
 pub fn verify(args: VerifyArgs) -> Result<ExitCode> {
     let store = open_store(args.cache.as_deref(), &std::env::current_dir()?)?;
     let entries = store.entries()?;
-    let mut bad = 0;
+    let mut bad: HashSet<StageKey> = HashSet::new();
     for entry in &entries {
         let problems = verify_entry(entry);
         if problems.is_empty() {
             continue;
         }
-        bad += 1;
+        bad.insert(entry.key);
         println!("corrupted {}/{}:", entry.kind, entry.key.short());
         for p in &problems {
             println!("  {p}");
         }
-        if args.remove {
-            store.remove(entry)?;
-            println!("  removed; the next run recomputes it");
+    }
+    println!("{} entries checked, {} corrupted", entries.len(), bad.len());
+    if !args.remove {
+        return Ok(if bad.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    let _alone = store.exclude_runs(|| eprintln!("waiting: a pretext run is using this cache"))?;
+    let doomed = with_downstream(&entries, &bad);
+    for entry in entries.iter().filter(|e| doomed.contains(&e.key)) {
+        store.remove(entry)?;
+        let why = if bad.contains(&entry.key) {
+            "corrupted"
+        } else {
+            "computed from a corrupted entry"
+        };
+        println!(
+            "removed {}/{} ({why}); the next run recomputes it",
+            entry.kind,
+            entry.key.short()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `roots` and every entry whose key input names one of them, transitively.
+fn with_downstream(
+    entries: &[crate::cache::store::Entry],
+    roots: &HashSet<StageKey>,
+) -> HashSet<StageKey> {
+    let mut out = roots.clone();
+    let reads: Vec<(StageKey, Vec<StageKey>)> = entries
+        .iter()
+        .filter_map(|e| {
+            let m = e.manifest().ok()?;
+            Some((e.key, upstream_keys(&m)))
+        })
+        .collect();
+    loop {
+        let before = out.len();
+        for (key, ups) in &reads {
+            if ups.iter().any(|u| out.contains(u)) {
+                out.insert(*key);
+            }
+        }
+        if out.len() == before {
+            return out;
         }
     }
-    println!("{} entries checked, {bad} corrupted", entries.len());
-    Ok(if bad > 0 && !args.remove {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+}
+
+fn upstream_keys(m: &crate::cache::store::Manifest) -> Vec<StageKey> {
+    m.key_input
+        .inputs
+        .values()
+        .flatten()
+        .filter_map(|i| match i {
+            KeyedInput::Stage { key, .. } => Some(*key),
+            KeyedInput::Data { .. } => None,
+        })
+        .collect()
 }

@@ -8,6 +8,7 @@ mod bench_train;
 mod dag;
 mod data;
 mod gc;
+mod interrupt;
 mod run;
 mod show;
 mod status;
@@ -83,6 +84,9 @@ struct CommandGuardArgs {
     /// The pretext process the command belongs to.
     #[arg(long)]
     parent: i32,
+    /// A descriptor to keep open until the command's process group is gone (the stage's lock).
+    #[arg(long)]
+    hold_fd: Option<i32>,
     /// The command text, run by `sh -c`.
     #[arg(last = true)]
     run: std::ffi::OsString,
@@ -97,13 +101,19 @@ struct ExecJobArgs {
 /// Prints the stage's events as JSON lines for the submitting run to read back; exit 0 when the
 /// stage's entry exists afterwards.
 fn exec_job(args: ExecJobArgs, catalog: &Catalog) -> Result<ExitCode> {
+    // Slurm pre-empts and times out a job with SIGTERM: the stage stops at a step, keeps its
+    // checkpoint, and the resubmitted job resumes.
+    let interrupt = interrupt::Interrupt::install("stopping the stage; its checkpoint is kept");
     let job = crate::exec::stage_job::StageJob::read(&args.file)?;
     let threads = std::env::var("SLURM_CPUS_PER_TASK")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let outcome = job.run(catalog, threads, &view::JsonLines)?;
+    let outcome = job.run(catalog, threads, interrupt.flag.clone(), &view::JsonLines)?;
     crate::exec::announce(&job.stage, &job.keyed, &outcome, &view::JsonLines);
+    if let Some(code) = interrupt.exit_code() {
+        return Ok(ExitCode::from(code));
+    }
     Ok(match outcome {
         crate::exec::cached::Outcome::Failed { .. } => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
@@ -150,6 +160,15 @@ pub struct Loaded {
 }
 
 impl PipelineArgs {
+    /// How this pipeline was asked for, as the journal records it.
+    pub fn invocation(&self) -> crate::cache::journal::Invocation {
+        crate::cache::journal::Invocation {
+            argv: std::env::args().collect(),
+            profile: self.profile.clone(),
+            set: self.set.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        }
+    }
+
     pub fn load(&self, catalog: &Catalog) -> Result<Loaded> {
         let opts = LoadOptions {
             profile: self.profile.clone(),
@@ -244,7 +263,7 @@ pub fn main() -> ExitCode {
         Command::Data(a) => data::data(a),
         Command::Bench(a) => bench::bench(a),
         Command::ExecJob(a) => exec_job(a, &catalog),
-        Command::CommandGuard(a) => crate::tasks::command::guard(a.parent, &a.run)
+        Command::CommandGuard(a) => crate::tasks::command::guard(a.parent, a.hold_fd, &a.run)
             .map(|code| ExitCode::from(code.clamp(0, 255) as u8)),
         Command::Kinds => {
             print!("{}", kinds_text(&catalog));

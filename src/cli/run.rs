@@ -1,3 +1,4 @@
+use super::interrupt::Interrupt;
 use super::{keys_or_blocked, view, PipelineArgs, UsageError};
 use crate::exec::cached::Local;
 use crate::exec::cached::Outcome;
@@ -11,8 +12,6 @@ use crate::tasks::Catalog;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -72,7 +71,12 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
         _ => None,
     };
     // Before any thread starts, so that no thread takes Ctrl-C with the default action.
-    let interrupt = Interrupt::install(slurm.is_some());
+    let interrupt = Interrupt::install(if slurm.is_some() {
+        "cancelling this run's Slurm jobs (a second Ctrl-C quits at once; jobs may then keep running)"
+    } else {
+        "stopping the running stages, whose checkpoints are kept for the next run (a second Ctrl-C quits at once)"
+    });
+    let _sharing = loaded.store.share_with_runs()?;
     let (keys, blocked) = keys_or_blocked(&mut loaded);
     let mut force = vec![false; loaded.plan.stages.len()];
     for name in &args.force {
@@ -113,6 +117,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             interrupted: Some(interrupt.flag.clone()),
         },
         force,
+        invocation: args.pipeline.invocation(),
     };
     let human;
     let sink: &dyn EventSink = if args.json {
@@ -175,59 +180,4 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// SIGINT and SIGTERM, taken by one thread. The first sets `flag`: a local run stops starting
-/// stages and its running stages see it as their cancel flag (training kinds stop after the
-/// step, command stages stop their process group), a Slurm run cancels its jobs; nothing is
-/// published, and the run exits 130 (SIGINT) or 143 (SIGTERM). A second signal quits at once.
-/// Works by blocking the signals in every thread and waiting for them in one, so no handler and
-/// no global state are needed. Install before any other thread starts: threads inherit the mask.
-struct Interrupt {
-    flag: Arc<AtomicBool>,
-    signal: Arc<AtomicI32>,
-}
-
-impl Interrupt {
-    fn install(slurm: bool) -> Interrupt {
-        let flag = Arc::new(AtomicBool::new(false));
-        let signal = Arc::new(AtomicI32::new(0));
-        // SAFETY: plain libc calls on a sigset_t this function owns.
-        let set = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            set
-        };
-        let (seen, which) = (flag.clone(), signal.clone());
-        std::thread::spawn(move || loop {
-            let mut got = 0;
-            // SAFETY: `set` is initialised and blocked in this thread.
-            if unsafe { libc::sigwait(&set, &mut got) } != 0 {
-                return;
-            }
-            if seen.swap(true, Ordering::SeqCst) {
-                std::process::exit(128 + got);
-            }
-            which.store(got, Ordering::SeqCst);
-            eprintln!(
-                "interrupted: {}; nothing unfinished is published (a second Ctrl-C quits at once{})",
-                if slurm {
-                    "cancelling this run's Slurm jobs"
-                } else {
-                    "stopping the running stages, whose checkpoints are kept for the next run"
-                },
-                if slurm { "; jobs may then keep running" } else { "" }
-            );
-        });
-        Interrupt { flag, signal }
-    }
-
-    /// 128 + the signal, once one came.
-    fn exit_code(&self) -> Option<u8> {
-        let signal = self.signal.load(Ordering::SeqCst);
-        (self.flag.load(Ordering::SeqCst) && signal > 0).then(|| (128 + signal) as u8)
-    }
 }

@@ -4,7 +4,7 @@
 
 use super::events::{Event, EventSink};
 use super::keys::Keyed;
-use crate::cache::store::{Manifest, Staging, MANIFEST_SCHEMA};
+use crate::cache::store::{EntryState, Manifest, Staging, MANIFEST_SCHEMA};
 use crate::cache::Store;
 use crate::tasks::{Catalog, Inputs, Progress, StageCtx};
 use anyhow::{Context, Result};
@@ -60,6 +60,15 @@ pub fn execute(store: &Store, local: &Local, job: &Job, sink: &dyn EventSink) ->
         if let Some(cached) = hit(store) {
             return cached;
         }
+        if let EntryState::Damaged(why) = store.check(job.kind, &key) {
+            sink.emit(Event::StageLog {
+                stage: name.to_owned(),
+                line: format!(
+                    "warning: the cached entry {} is damaged ({why}); computing it again",
+                    key.short()
+                ),
+            });
+        }
     }
     let lock = match store.lock(&key, || {
         sink.emit(Event::StageWaitLock {
@@ -86,7 +95,7 @@ pub fn execute(store: &Store, local: &Local, job: &Job, sink: &dyn EventSink) ->
     let result = store
         .stage(job.kind, &key, &lock)
         .context("preparing the staging folder")
-        .and_then(|staging| run_and_publish(store, local, job, staging, sink));
+        .and_then(|staging| run_and_publish(store, local, job, staging, lock.raw_fd(), sink));
     drop(lock);
     match result {
         Ok(wall_s) => Outcome::Ran { wall_s },
@@ -101,13 +110,14 @@ fn run_and_publish(
     local: &Local,
     job: &Job,
     staging: Staging,
+    lease: std::os::fd::RawFd,
     sink: &dyn EventSink,
 ) -> Result<f64> {
     let started = Instant::now();
     let started_at_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let (metrics, peak) = local.run(job, &staging.dir, &staging.checkpoint_dir, sink)?;
+    let (metrics, peak) = local.run(job, &staging.dir, &staging.checkpoint_dir, lease, sink)?;
     let wall_s = started.elapsed().as_secs_f64();
     let manifest = Manifest {
         schema_version: MANIFEST_SCHEMA,
@@ -116,6 +126,7 @@ fn run_and_publish(
         stage: job.name.to_owned(),
         key_input: job.keyed.input.clone(),
         outputs: Default::default(),
+        sizes: Default::default(),
         started_at_unix,
         wall_s,
         peak_rss_kib: peak,
@@ -152,6 +163,7 @@ impl Local<'_> {
         job: &Job,
         out_dir: &Path,
         checkpoint_dir: &Path,
+        lease: std::os::fd::RawFd,
         sink: &dyn EventSink,
     ) -> Result<(Value, Option<u64>)> {
         let entry = self.catalog.get(job.kind).context("unknown kind")?;
@@ -161,7 +173,8 @@ impl Local<'_> {
         let stage = job.name;
         let log = |line: &str| {
             if let Ok(mut f) = log_file.lock() {
-                let _ = writeln!(f, "{line}");
+                // Flushed per line, so `tail -f` on a running stage's log.txt follows it.
+                let _ = writeln!(f, "{line}").and_then(|_| f.flush());
             }
             sink.emit(Event::StageLog {
                 stage: stage.to_owned(),
@@ -188,6 +201,7 @@ impl Local<'_> {
             progress: &progress,
             log: &log,
             peak_rss_kib: None,
+            lease: Some(lease),
         };
         // A panic (a bug, or a value no check caught) fails this stage with its message; the
         // run goes on or stops as for any failure.

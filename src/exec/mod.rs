@@ -7,7 +7,8 @@ pub mod scheduler;
 pub mod slurm;
 pub mod stage_job;
 
-use crate::cache::journal::{Journal, JournalLine};
+use crate::cache::journal::{now_unix, Invocation, Journal, JournalLine, RENEW_AFTER_S};
+use crate::cache::store::EntryState;
 use crate::cache::{KeyedInput, Store};
 use crate::pipeline::{InputRef, Plan, PlannedInput};
 use crate::tasks::{InputItem, InputValue, Inputs};
@@ -23,6 +24,8 @@ pub struct RunOptions {
     pub walk: WalkOptions,
     /// Per stage: rerun even if cached.
     pub force: Vec<bool>,
+    /// What the journal records beside each key.
+    pub invocation: Invocation,
 }
 
 /// The paths a stage's task reads: upstream entries (and outputs inside them) and data folders.
@@ -107,7 +110,14 @@ pub fn run_plan(
         };
         let outcome = cached::execute(store, local, &job, sink);
         announce(&stage.name, &keys[i], &outcome, sink);
-        remember(&journal, &recorded, &stage.name, &keys[i], &outcome);
+        remember(
+            &journal,
+            &recorded,
+            &stage.name,
+            &keys[i],
+            &outcome,
+            &opts.invocation,
+        );
         outcome
     };
     let nodes: Vec<Node> = plan
@@ -147,22 +157,28 @@ pub fn announce(stage: &str, keyed: &Keyed, outcome: &Outcome, sink: &dyn EventS
     }
 }
 
-/// Appends a journal line when a stage got a new key under its name.
+/// Appends a journal line when a stage got a new key under its name, or its line is a day old.
 fn remember(
     journal: &Journal,
     recorded: &HashMap<String, JournalLine>,
     stage: &str,
     keyed: &Keyed,
     outcome: &Outcome,
+    invocation: &Invocation,
 ) {
-    if !matches!(outcome, Outcome::Failed { .. })
-        && recorded.get(stage).is_none_or(|l| l.key != keyed.key)
-    {
-        // Best effort: the journal only explains staleness; losing a line loses no work.
+    let now = now_unix();
+    let current = recorded
+        .get(stage)
+        .is_some_and(|l| l.key == keyed.key && now.saturating_sub(l.at_unix) < RENEW_AFTER_S);
+    if !matches!(outcome, Outcome::Failed { .. }) && !current {
+        // Best effort: the journal explains staleness and keeps entries from gc for a while;
+        // losing a line loses no work.
         let _ = journal.append(&JournalLine {
             stage: stage.to_owned(),
             key: keyed.key,
             key_input: keyed.input.clone(),
+            at_unix: now,
+            invocation: invocation.clone(),
         });
     }
 }
@@ -212,10 +228,14 @@ pub fn status(
             }
             Ok(k) => {
                 st.key = Some(k.key.hex());
-                if store.lookup(&stage.kind, &k.key).is_some() {
-                    st.state = "cached";
-                } else {
-                    st.reasons = stale_reasons(plan, keys, store, i, recorded.get(&stage.name));
+                match store.check(&stage.kind, &k.key) {
+                    EntryState::Intact(_) => st.state = "cached",
+                    EntryState::Damaged(why) => st.reasons.push(format!(
+                        "its cached entry is damaged ({why}) and will be computed again"
+                    )),
+                    EntryState::Absent => {
+                        st.reasons = stale_reasons(plan, keys, store, i, recorded.get(&stage.name))
+                    }
                 }
             }
         }

@@ -699,7 +699,14 @@ pub fn run_plan(
                 }),
                 Status::Done(outcome) => {
                     super::announce(&stage.name, &keys[i], outcome, sink);
-                    super::remember(&journal, &recorded, &stage.name, &keys[i], outcome);
+                    super::remember(
+                        &journal,
+                        &recorded,
+                        &stage.name,
+                        &keys[i],
+                        outcome,
+                        &opts.invocation,
+                    );
                     if matches!(outcome, Outcome::Failed { .. }) && !opts.walk.keep_going {
                         stop = Some(STOPPED.into());
                     }

@@ -58,16 +58,24 @@ impl StageJob {
     }
 
     /// Runs the stage through the cache layer: a hit (another run got there first) returns at once.
-    pub fn run(&self, catalog: &Catalog, threads: usize, sink: &dyn EventSink) -> Result<Outcome> {
+    /// `cancel` stops the stage at its next step (SIGTERM from Slurm).
+    pub fn run(
+        &self,
+        catalog: &Catalog,
+        threads: usize,
+        cancel: Arc<AtomicBool>,
+        sink: &dyn EventSink,
+    ) -> Result<Outcome> {
         let store = Store::open(&self.cache)
             .with_context(|| format!("opening the cache at {}", self.cache.display()))?;
+        let _sharing = store.share_with_runs()?;
         let local = Local {
             catalog,
             workdir: self.workdir.clone(),
             scratch_dir: store.scratch_dir(),
             device: self.device.clone(),
             threads,
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel,
         };
         let job = Job {
             name: &self.stage,

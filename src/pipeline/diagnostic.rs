@@ -1,5 +1,6 @@
 //! Errors in pipeline files, pointing at the file, line and column, with a suggested fix.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -139,6 +140,62 @@ pub fn locate(source: &str, path: &[&str]) -> Option<(usize, usize)> {
     best.map(|(_, position)| position)
 }
 
+/// The 1-based (line, column) of every key directly under `parent` (`["stages"]` gives each
+/// stage), in one pass over the text: what a plan of thousands of stages uses instead of one
+/// [`locate`] per stage, which rescans the text each time.
+pub fn locate_children(source: &str, parent: &[&str]) -> HashMap<String, (usize, usize)> {
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut out = HashMap::new();
+    for (index, raw) in source.lines().enumerate() {
+        let trimmed = raw.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let body = trimmed.strip_prefix("- ").unwrap_or(trimmed);
+        let Some((key, _)) = split_key(body) else {
+            continue;
+        };
+        let indent = raw.len() - body.len();
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_owned()));
+        if stack.len() == parent.len() + 1 && matched_depth(&stack, parent) == parent.len() {
+            out.entry(key.to_owned()).or_insert((index + 1, indent + 1));
+        }
+    }
+    out
+}
+
+/// The deepest nesting the YAML parser will be asked to follow: brackets of flow collections
+/// outside quoted strings, and indentation. Checked before parsing, because the parser's time
+/// grows with depth (a 100,000-deep file took minutes to be refused).
+pub fn nesting_depth(source: &str) -> usize {
+    let (mut depth, mut deepest, mut quote) = (0usize, 0usize, None::<char>);
+    let mut indent_max = 0;
+    for line in source.lines() {
+        let indent = line.len() - line.trim_start().len();
+        indent_max = indent_max.max(indent);
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        quote = None;
+    }
+    // Two columns per block level is the tightest indentation YAML users write.
+    deepest.max(indent_max / 2)
+}
+
 fn matched_depth(stack: &[(usize, String)], path: &[&str]) -> usize {
     stack
         .iter()
@@ -179,6 +236,16 @@ mod tests {
         assert_eq!(locate(SRC, &["vars", "img"]), Some((2, 3)));
         // The deepest prefix found when the leaf does not exist.
         assert_eq!(locate(SRC, &["stages", "b", "params"]), Some((7, 3)));
+    }
+
+    #[test]
+    fn stage_lines_come_from_one_pass() {
+        let lines = locate_children(SRC, &["stages"]);
+        assert_eq!(lines.get("a"), Some(&(4, 3)));
+        assert_eq!(lines.get("b"), Some(&(7, 3)));
+        assert_eq!(lines.len(), 2);
+        assert_eq!(nesting_depth("a: [[1], {b: '[['}]\n"), 2);
+        assert_eq!(nesting_depth(&"[".repeat(500)), 500);
     }
 
     #[test]

@@ -99,7 +99,7 @@ fn load_into(path: &Path, merged: &mut Merged, stack: &mut Vec<PathBuf>) -> Resu
     stack.pop();
 
     // This file's own definitions win over what it included.
-    for (k, v) in spec.vars.0 {
+    for (k, v) in spec.vars {
         merged.vars.insert(
             k,
             Sourced {
@@ -108,10 +108,10 @@ fn load_into(path: &Path, merged: &mut Merged, stack: &mut Vec<PathBuf>) -> Resu
             },
         );
     }
-    for (k, v) in spec.profiles.0 {
+    for (k, v) in spec.profiles {
         merged.profiles.insert(k, v);
     }
-    for (k, v) in spec.matrix.0 {
+    for (k, v) in spec.matrix {
         merged.matrix.insert(
             k,
             Sourced {
@@ -143,7 +143,7 @@ fn merge_same<T: PartialEq>(
     section: &str,
     sources: &[Source],
 ) -> Result<(), SpecError> {
-    for (name, value) in from.0 {
+    for (name, value) in from {
         match into.get(&name) {
             Some(existing) if existing.value != value => {
                 let src = &sources[source];
@@ -158,7 +158,7 @@ fn merge_same<T: PartialEq>(
                 .help("give one of them another name, or make the definitions identical"));
             }
             Some(_) => {}
-            None => into.0.push((name, Sourced { value, source })),
+            None => into.insert(name, Sourced { value, source }),
         }
     }
     Ok(())

@@ -21,6 +21,8 @@ pub struct Plan {
     pub stages: Vec<PlannedStage>,
     /// The pipeline's `executor:` block (its includes' under it).
     pub executor: ExecutorSpec,
+    /// The profiles the file declares (its includes' too), by name.
+    pub profiles: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +196,8 @@ struct Expander<'a> {
     stages: Vec<PlannedStage>,
     /// Per template: its axes, and its instances with their bindings.
     expanded: HashMap<String, (Vec<String>, Vec<(Binding, usize)>)>,
+    /// Per source file: the line of each stage, found in one pass when first needed.
+    stage_lines: HashMap<usize, HashMap<String, (usize, usize)>>,
 }
 
 impl<'a> Expander<'a> {
@@ -273,6 +277,7 @@ impl<'a> Expander<'a> {
             vars,
             stages: Vec::new(),
             expanded: HashMap::new(),
+            stage_lines: HashMap::new(),
         })
     }
 
@@ -314,6 +319,7 @@ impl<'a> Expander<'a> {
             root: self.root,
             stages: self.stages,
             executor: self.merged.executor.clone(),
+            profiles: self.merged.profiles.keys().map(str::to_owned).collect(),
         })
     }
 
@@ -587,10 +593,14 @@ impl<'a> Expander<'a> {
                 .collect();
             deps.sort_unstable();
             deps.dedup();
-            let source =
-                &self.merged.sources[self.merged.stages.get(template).expect("exists").source];
-            let line =
-                super::diagnostic::locate(&source.text, &["stages", template]).map(|(l, _)| l);
+            let source = self.merged.stages.get(template).expect("exists").source;
+            let text = &self.merged.sources[source].text;
+            let line = self
+                .stage_lines
+                .entry(source)
+                .or_insert_with(|| super::diagnostic::locate_children(text, &["stages"]))
+                .get(template)
+                .map(|&(l, _)| l);
             let index = self.stages.len();
             self.stages.push(PlannedStage {
                 name,
@@ -605,7 +615,7 @@ impl<'a> Expander<'a> {
                     .iter()
                     .map(|a| (a.clone(), binding[a].clone()))
                     .collect(),
-                file: source.path.clone(),
+                file: self.merged.sources[source].path.clone(),
                 line,
             });
             instances.push((binding, index));

@@ -72,8 +72,6 @@ impl Task for Command {
         cmd.arg("command-guard")
             .arg("--parent")
             .arg(std::process::id().to_string())
-            .arg("--")
-            .arg(&p.run)
             .current_dir(&ctx.workdir);
         cmd.env("PRETEXT_OUT", &out)
             .env("PRETEXT_CHECKPOINT", &ctx.checkpoint_dir)
@@ -102,6 +100,23 @@ impl Task for Command {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(fd) = ctx.lease {
+            // The guard inherits the stage's lease and holds it until the command's whole group
+            // is gone: a rerun after pretext died waits for the cleanup instead of racing it.
+            cmd.arg("--hold-fd").arg(fd.to_string());
+            // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on a descriptor this
+            // process owns, in the forked child only.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.arg("--").arg(&p.run);
         let mut child = cmd.spawn().context("starting the command guard")?;
         let pid = child.id() as libc::pid_t;
         let stdout = child.stdout.take().expect("piped");
@@ -163,12 +178,21 @@ fn clip(text: &str, max: usize) -> String {
     }
 }
 
-/// `pretext command-guard --parent PID -- RUN`: runs `sh -c RUN` in a new process group and
-/// stays beside it until it exits, then kills whatever the command left running in its group.
-/// SIGTERM, SIGINT or SIGHUP to the guard, or the death of `parent` (delivered as SIGTERM by
-/// `PR_SET_PDEATHSIG`), stop the whole group: SIGTERM, then SIGKILL after a grace period.
+/// `pretext command-guard --parent PID [--hold-fd FD] -- RUN`: runs `sh -c RUN` in a new process
+/// group and stays beside it until it exits, then kills whatever the command left running in its
+/// group. SIGTERM, SIGINT or SIGHUP to the guard, or the death of `parent` (delivered as SIGTERM
+/// by `PR_SET_PDEATHSIG`), stop the whole group: SIGTERM, then SIGKILL after a grace period.
+/// `hold` (the stage's lease) stays open in the guard alone until it exits.
 /// Returns the command's exit code, or 128 + the signal that ended it.
-pub fn guard(parent: libc::pid_t, run: &std::ffi::OsStr) -> Result<i32> {
+pub fn guard(
+    parent: libc::pid_t,
+    hold: Option<std::os::fd::RawFd>,
+    run: &std::ffi::OsStr,
+) -> Result<i32> {
+    if let Some(fd) = hold {
+        // SAFETY: marks an inherited descriptor close-on-exec, so `sh` does not inherit it.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     // SAFETY: plain libc calls on values this function owns; no other thread exists yet, so the
     // mask applies to the signal thread spawned below and is reset by `spawn` for `sh`.
     let set = unsafe {

@@ -206,6 +206,10 @@ pub struct StageCtx<'a> {
     pub log: &'a (dyn Fn(&str) + Sync),
     /// Set by tasks that run a child process, whose peak memory the executor cannot see.
     pub peak_rss_kib: Option<u64>,
+    /// A file descriptor that marks this stage as running (the executor's lock on it). A process
+    /// the task starts that could outlive pretext (a command's guard) keeps it open, so no
+    /// other attempt of the stage starts until that process is gone.
+    pub lease: Option<std::os::fd::RawFd>,
 }
 
 /// The CUDA ordinal a device string names (`cuda` is `cuda:0`), or `None` for `cpu`.

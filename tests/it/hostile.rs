@@ -142,3 +142,217 @@ fn a_symlink_loop_in_a_data_folder_blocks_its_stages_with_the_path() {
         r.stderr
     );
 }
+
+/// prep -> train -> eval, each a command stage with one output file.
+const CHAIN: &str = r#"
+vars:
+  epochs: 1
+stages:
+  prep:
+    kind: command
+    run: echo prep >> "$COUNTS/prep"; echo p > "$PRETEXT_OUT/p.txt"
+  train:
+    kind: command
+    run: echo train >> "$COUNTS/train"; cat "$PRETEXT_IN_P/p.txt" > "$PRETEXT_OUT/t.txt"; echo ${epochs} >> "$PRETEXT_OUT/t.txt"
+    inputs: { p: prep.out }
+  eval:
+    kind: command
+    run: echo eval >> "$COUNTS/eval"; cat "$PRETEXT_IN_T/t.txt" > "$PRETEXT_OUT/e.txt"
+    inputs: { t: train.out }
+"#;
+
+fn entry_of(p: &Project, needle: &str) -> std::path::PathBuf {
+    std::fs::read_dir(p.path().join("cache/command"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| d.join("out").join(needle).exists())
+        .unwrap()
+}
+
+#[test]
+fn a_damaged_entry_is_recomputed_with_a_warning_not_served() {
+    let p = Project::new();
+    p.write("pipelines/c.yaml", CHAIN);
+    p.run(&["run", "pipelines/c.yaml"]).ok();
+    // An output cut short, then a manifest cut short.
+    std::fs::write(entry_of(&p, "t.txt").join("out/t.txt"), "p").unwrap();
+    let st = p.run(&["status", "pipelines/c.yaml"]);
+    assert!(
+        st.stdout.contains("train") && st.stdout.contains("damaged"),
+        "{}",
+        st.stdout
+    );
+    let r = p.run(&["run", "pipelines/c.yaml", "-v"]);
+    r.ok();
+    assert!(
+        r.stderr.contains("damaged") && r.stderr.contains("t.txt has 1 bytes"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        [p.count("prep"), p.count("train"), p.count("eval")],
+        [1, 2, 1]
+    );
+    let manifest = entry_of(&p, "p.txt").join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
+    p.run(&["run", "pipelines/c.yaml"]).ok();
+    assert_eq!(p.count("prep"), 2, "a truncated manifest is not a hit");
+    p.run(&["verify"]).ok();
+}
+
+#[test]
+fn verify_remove_takes_the_entries_computed_from_a_corrupted_one() {
+    let p = Project::new();
+    p.write("pipelines/c.yaml", CHAIN);
+    p.run(&["run", "pipelines/c.yaml"]).ok();
+    // Same size, other bytes: only hashing finds it.
+    std::fs::write(entry_of(&p, "p.txt").join("out/p.txt"), "x\n").unwrap();
+    let r = p.run(&["verify", "--remove"]);
+    r.ok();
+    assert!(
+        r.stdout.contains("computed from a corrupted entry"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        p.entries("command"),
+        0,
+        "prep and everything built on it are gone"
+    );
+    p.run(&["run", "pipelines/c.yaml"]).ok();
+    assert_eq!(
+        [p.count("prep"), p.count("train"), p.count("eval")],
+        [2, 2, 2]
+    );
+    p.run(&["verify"]).ok();
+}
+
+#[test]
+fn symlinks_planted_in_the_cache_are_never_followed() {
+    let p = Project::new();
+    p.write("pipelines/c.yaml", CHAIN);
+    let keys = p.status("pipelines/c.yaml");
+    let prep = &keys.iter().find(|s| s.0 == "prep").unwrap().2;
+    let victim = p.path().join("victim");
+    p.write("victim/precious.txt", "keep me");
+    std::fs::create_dir_all(p.path().join("cache/tmp")).unwrap();
+    std::os::unix::fs::symlink(&victim, p.path().join("cache/tmp").join(prep)).unwrap();
+    p.run(&["run", "pipelines/c.yaml", "--stage", "prep"]).ok();
+    assert_eq!(
+        std::fs::read_to_string(victim.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+    let entry = p.path().join("cache/command").join(prep);
+    assert!(
+        std::fs::symlink_metadata(&entry).unwrap().is_dir(),
+        "a real folder was published"
+    );
+
+    let train = &keys.iter().find(|s| s.0 == "train").unwrap().2;
+    let target = p.path().join("elsewhere.txt");
+    std::os::unix::fs::symlink(&target, p.path().join(format!("cache/locks/{train}.lock")))
+        .unwrap();
+    let r = p.run(&["run", "pipelines/c.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("symlink") && r.stderr.contains(&format!("{train}.lock")),
+        "{}",
+        r.stderr
+    );
+    assert!(!target.exists(), "no file was created through the link");
+}
+
+#[test]
+fn gc_keeps_recent_set_results_and_their_upstream_and_waits_for_live_runs() {
+    let p = Project::new();
+    p.write("pipelines/c.yaml", CHAIN);
+    p.run(&["run", "pipelines/c.yaml"]).ok();
+    p.run(&["run", "pipelines/c.yaml", "--set", "epochs=2"])
+        .ok();
+    assert_eq!(p.entries("command"), 5);
+    let r = p.run(&["gc"]);
+    r.ok();
+    assert!(r.stdout.contains("5 of 5 entries kept"), "{}", r.stdout);
+    let journal = std::fs::read_dir(p.path().join("cache/journal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(&journal).unwrap();
+    assert!(
+        text.contains("\"set\":[\"epochs=2\"]") && text.contains("at_unix"),
+        "{text}"
+    );
+
+    // A run in progress holds the cache: gc waits for it instead of deleting what it reads.
+    p.write(
+        "pipelines/slow.yaml",
+        "stages:\n  s:\n    kind: command\n    run: touch started; sleep 2\n",
+    );
+    let mut slow = p
+        .command(&["run", "pipelines/slow.yaml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while !p.path().join("started").exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = std::time::Instant::now();
+    let gc = p.run(&["gc", "--keep-days", "0"]);
+    gc.ok();
+    assert!(gc.stderr.contains("waiting"), "{}", gc.stderr);
+    assert!(
+        t.elapsed() > Duration::from_millis(500),
+        "gc ran beside a live run"
+    );
+    assert!(slow.wait().unwrap().success());
+}
+
+#[test]
+fn a_huge_pipeline_plans_in_linear_time_and_deep_nesting_is_refused_at_once() {
+    let p = Project::new();
+    let mut yaml = String::from("stages:\n");
+    for i in 0..30_000 {
+        yaml.push_str(&format!("  s{i}:\n    kind: command\n    run: echo {i}\n"));
+    }
+    p.write("pipelines/big.yaml", &yaml);
+    let t = std::time::Instant::now();
+    let r = p.run(&["status", "pipelines/big.yaml"]);
+    r.ok();
+    assert!(r.stdout.contains("0 cached, 30000 stale"), "{}", r.stdout);
+    // Linear: under a second here; the per-stage rescans it replaced took over 10 s.
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+
+    p.write(
+        "pipelines/deep.yaml",
+        &format!("stages: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+    );
+    let t = std::time::Instant::now();
+    let r = p.run(&["status", "pipelines/deep.yaml"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("nested 100000 levels deep"),
+        "{}",
+        r.stderr
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn an_included_file_that_is_not_yaml_is_quoted_briefly() {
+    let p = Project::new();
+    let blob: String = (0..5000)
+        .map(|i| format!("line {i} of a big text file\n"))
+        .collect();
+    p.write("notes.txt", &blob);
+    p.write(
+        "pipelines/i.yaml",
+        "include: [../notes.txt]\nstages:\n  a:\n    kind: command\n    run: 'true'\n",
+    );
+    let r = p.run(&["status", "pipelines/i.yaml"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.len() < 2_000, "{} bytes of error", r.stderr.len());
+}

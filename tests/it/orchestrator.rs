@@ -363,11 +363,24 @@ fn gc_removes_unreached_entries_and_verify_finds_corruption() {
     p.write("pipelines/c.yaml", &chain(2));
     p.run(&["run", "pipelines/c.yaml"]).ok();
     assert_eq!(p.entries("command"), 6);
+    // Both runs are in the journal of the last 30 days: nothing goes by default.
     let dry = p.run(&["gc", "--dry-run"]);
     dry.ok();
+    assert!(
+        dry.stdout.contains("6 of 6 entries kept, 0 would remove"),
+        "{}",
+        dry.stdout
+    );
+    let dry = p.run(&["gc", "--dry-run", "--keep-days", "0"]);
+    dry.ok();
     assert_eq!(
-        dry.stdout.matches("would remove").count(),
+        dry.stdout.matches("would remove command/").count(),
         2,
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        dry.stdout.contains("4 of 6 entries kept, 2 would remove"),
         "{}",
         dry.stdout
     );
@@ -385,7 +398,7 @@ fn gc_removes_unreached_entries_and_verify_finds_corruption() {
         .status()
         .unwrap();
     assert!(aged.success());
-    p.run(&["gc"]).ok();
+    p.run(&["gc", "--keep-days", "0"]).ok();
     assert_eq!(p.entries("command"), 4);
     assert!(!old.exists(), "a 10-day-old job folder is removed");
     assert!(p.path().join("cache/jobs/200-2/0000-a/job.json").is_file());
