@@ -238,12 +238,36 @@ pub fn drop_path(x: &Tensor, rate: f64, rng: Option<&mut Rng>) -> Result<Tensor>
 
 /// Cross-entropy with label smoothing against integer targets, averaged over the batch.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
+    weighted_cross_entropy(logits, targets, smoothing, None)
+}
+
+/// Cross-entropy with label smoothing and optional per-class weights: each sample counts with
+/// its target class's weight, and the batch mean divides by the sum of those weights, as
+/// `torch.nn.functional.cross_entropy(weight=...)` does.
+pub fn weighted_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    smoothing: f64,
+    class_weights: Option<&[f32]>,
+) -> Result<Tensor> {
     let classes = logits.dim(D::Minus1)?;
     let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let one_hot = candle_nn::encoding::one_hot(targets.to_dtype(DType::U32)?, classes, 1f32, 0f32)?
+    let targets = targets.to_dtype(DType::U32)?;
+    let one_hot = candle_nn::encoding::one_hot(targets.clone(), classes, 1f32, 0f32)?
         .to_dtype(logits.dtype())?;
     let smooth = ((one_hot * (1.0 - smoothing))? + smoothing / classes as f64)?;
-    (smooth * log_p)?.sum(D::Minus1)?.neg()?.mean_all()
+    let per_sample = (smooth * log_p)?.sum(D::Minus1)?.neg()?;
+    let Some(weights) = class_weights else {
+        return per_sample.mean_all();
+    };
+    let w: Vec<f32> = targets
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|t| weights.get(t as usize).copied().unwrap_or(1.0))
+        .collect();
+    let total: f32 = w.iter().sum();
+    let w = Tensor::from_vec(w, per_sample.dims(), logits.device())?.to_dtype(logits.dtype())?;
+    (per_sample * w)?.sum_all()? / total as f64
 }
 
 #[cfg(test)]
@@ -251,6 +275,20 @@ mod tests {
     use super::*;
     use crate::nn::agree::{assert_close, pull};
     use candle_core::{Device, Var};
+
+    #[test]
+    fn class_weights_average_as_torch_does() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[[2f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev).unwrap();
+        let y = Tensor::new(&[0u32, 1, 1], &dev).unwrap();
+        let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap();
+        let plain = scalar(cross_entropy(&logits, &y, 0.0).unwrap());
+        let ones = scalar(weighted_cross_entropy(&logits, &y, 0.0, Some(&[1.0, 1.0])).unwrap());
+        assert!((plain - ones).abs() < 1e-6);
+        // torch: F.cross_entropy(logits, y, weight=torch.tensor([3., 1.])) = 0.2774
+        let w = scalar(weighted_cross_entropy(&logits, &y, 0.0, Some(&[3.0, 1.0])).unwrap());
+        assert!((w - 0.2774).abs() < 1e-4, "{w}");
+    }
 
     #[test]
     fn vectorisable_exp_matches_exp_to_f32_precision() {

@@ -13,7 +13,7 @@ use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
 use crate::data::source::Split;
-use crate::nn::ops::cross_entropy;
+use crate::nn::ops::{cross_entropy, weighted_cross_entropy};
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
 use crate::train::metrics::{accuracy, roc_auc_per_class};
@@ -43,6 +43,50 @@ pub enum OptimizerKind {
 
 fn d_optimizer() -> OptimizerKind {
     OptimizerKind::Adamw
+}
+
+/// How the training loss weighs the classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassWeights {
+    /// Every image counts the same (the reference's choice).
+    #[default]
+    None,
+    /// Each class weighs n / (classes x n_class), sklearn's "balanced": on imbalanced data the
+    /// small classes are not traded away for the largest.
+    Balanced,
+}
+
+impl ClassWeights {
+    fn is_none(&self) -> bool {
+        *self == ClassWeights::None
+    }
+
+    /// Per-class weights for training labels `labels` of `classes` classes (`None`: unweighted).
+    pub fn weights(self, labels: &[u32], classes: usize) -> Option<Vec<f32>> {
+        match self {
+            ClassWeights::None => None,
+            ClassWeights::Balanced => {
+                let mut counts = vec![0usize; classes];
+                for &l in labels {
+                    counts[l as usize] += 1;
+                }
+                let n = labels.len() as f32;
+                Some(
+                    counts
+                        .iter()
+                        .map(|&c| {
+                            if c == 0 {
+                                0.0
+                            } else {
+                                n / (classes as f32 * c as f32)
+                            }
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
 }
 
 /// Which validation number picks the checkpoint that is kept.
@@ -138,6 +182,9 @@ pub struct Params {
     /// Which validation number chooses the checkpoint kept.
     #[serde(default = "d_select")]
     pub select: Select,
+    /// `none` or `balanced` (weights inverse to class frequency in the training split).
+    #[serde(default, skip_serializing_if = "ClassWeights::is_none")]
+    pub class_weights: ClassWeights,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
@@ -496,6 +543,10 @@ impl Task for Finetune {
             .iter()
             .map(|&pos| set.label(pos))
             .collect::<Result<_>>()?;
+        let class_weights = p.class_weights.weights(&labels, classes.len());
+        if let Some(w) = &class_weights {
+            ctx.log(&format!("class weights {w:.3?} ({classes:?})"));
+        }
         let best_file = ctx.checkpoint_dir.join("best.safetensors");
         for epoch in start..p.epochs {
             let (dd, t, lab, size) = (d.clone(), train.clone(), labels.clone(), p.img_size);
@@ -521,7 +572,12 @@ impl Task for Finetune {
                 super::fit::check_cancelled(ctx, epoch)?;
                 let (x, y) = batch_tensors(&b, &dev)?;
                 let logits = net.logits(&x, Some(&mut rng), &mut Taps::none())?;
-                let loss = cross_entropy(&logits, &y, p.label_smoothing)?;
+                let loss = weighted_cross_entropy(
+                    &logits,
+                    &y,
+                    p.label_smoothing,
+                    class_weights.as_deref(),
+                )?;
                 let value = finite(scalar(&loss)?, epoch, step)?;
                 let mut grads = loss.backward()?;
                 if let Some(max) = p.clip_grad {
@@ -661,6 +717,14 @@ mod tests {
         assert_eq!(train_steps(381, 32), 11);
         assert_eq!(train_steps(32, 32), 1);
         assert_eq!(train_steps(5, 32), 1);
+    }
+
+    #[test]
+    fn balanced_weights_are_inverse_to_class_frequency() {
+        let w = ClassWeights::Balanced.weights(&[0, 0, 0, 1], 2).unwrap();
+        assert_eq!(w, vec![4.0 / 6.0, 2.0]);
+        assert_eq!(ClassWeights::None.weights(&[0, 1], 2), None);
+        assert_eq!(ClassWeights::Balanced.weights(&[0, 0], 2).unwrap()[1], 0.0);
     }
 
     #[test]
