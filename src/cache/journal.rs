@@ -27,6 +27,9 @@ pub struct JournalLine {
     /// The command that ran the stage.
     #[serde(default, skip_serializing_if = "Invocation::is_empty")]
     pub invocation: Invocation,
+    /// The pipeline file the stage is in, as it was given (set by [`Journal::append`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pipeline: String,
 }
 
 /// How a run was asked for: what a result table shows beside a number.
@@ -60,6 +63,8 @@ pub const RENEW_AFTER_S: u64 = 86_400;
 
 pub struct Journal {
     path: PathBuf,
+    /// The pipeline file, as given (empty for journals found by [`Journal::all`]).
+    pipeline: String,
 }
 
 impl Journal {
@@ -71,6 +76,7 @@ impl Journal {
         let id = &blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex()[..24];
         Journal {
             path: journal_dir.join(format!("{id}.jsonl")),
+            pipeline: pipeline.display().to_string(),
         }
     }
 
@@ -94,7 +100,11 @@ impl Journal {
     }
 
     pub fn append(&self, line: &JournalLine) -> io::Result<()> {
-        let mut bytes = serde_json::to_vec(line).map_err(io::Error::other)?;
+        let mut line = line.clone();
+        if line.pipeline.is_empty() {
+            line.pipeline.clone_from(&self.pipeline);
+        }
+        let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
         bytes.push(b'\n');
         fs::OpenOptions::new()
             .create(true)
@@ -109,7 +119,10 @@ impl Journal {
             .into_iter()
             .flatten()
             .flatten()
-            .map(|e| Journal { path: e.path() })
+            .map(|e| Journal {
+                path: e.path(),
+                pipeline: String::new(),
+            })
             .collect()
     }
 }

@@ -9,6 +9,7 @@ mod dag;
 mod data;
 mod gc;
 mod interrupt;
+mod results;
 mod run;
 mod show;
 mod status;
@@ -64,6 +65,9 @@ enum Command {
     Gc(gc::GcArgs),
     /// Re-hash every cache entry and report the ones whose files changed.
     Verify(gc::VerifyArgs),
+    /// Every evaluation in the cache as one table: route, params that differ, test metrics
+    /// with confidence intervals, date, wall time, command; grouped by seed or diffed.
+    Results(results::ResultsArgs),
     /// List the stage kinds with their inputs and outputs.
     Kinds,
     /// Look at data folders before training on them.
@@ -265,6 +269,7 @@ pub fn main() -> ExitCode {
         Command::ExecJob(a) => exec_job(a, &catalog),
         Command::CommandGuard(a) => crate::tasks::command::guard(a.parent, a.hold_fd, &a.run)
             .map(|code| ExitCode::from(code.clamp(0, 255) as u8)),
+        Command::Results(a) => results::results(a),
         Command::Kinds => {
             print!("{}", kinds_text(&catalog));
             Ok(ExitCode::SUCCESS)

@@ -156,17 +156,8 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             sink,
         ),
     };
-    // Where to look: the pages of report stages that exist now.
-    for (i, stage) in loaded.plan.stages.iter().enumerate() {
-        if loaded.selected[i] && stage.kind == "report" {
-            if let Some(entry) = loaded.store.lookup(&stage.kind, &keys[i].key) {
-                eprintln!(
-                    "report ({}): {}",
-                    stage.name,
-                    entry.dir.join("index.html").display()
-                );
-            }
-        }
+    for line in headlines(&loaded, &keys) {
+        eprintln!("{line}");
     }
     let failed = !blocked.is_empty()
         || status
@@ -180,4 +171,74 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The end of a run: the test headline of every evaluate stage the run ran or reused, and where
+/// the report pages are.
+fn headlines(loaded: &super::Loaded, keys: &[crate::exec::keys::Keyed]) -> Vec<String> {
+    let entry = |i: usize| {
+        let stage = &loaded.plan.stages[i];
+        loaded.selected[i]
+            .then(|| loaded.store.lookup(&stage.kind, &keys[i].key))
+            .flatten()
+    };
+    let width = loaded
+        .plan
+        .stages
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0);
+    let mut lines = Vec::new();
+    for (i, stage) in loaded.plan.stages.iter().enumerate() {
+        if stage.kind != "evaluate" {
+            continue;
+        }
+        if let Some(m) = entry(i).and_then(|e| e.manifest().ok()) {
+            lines.push(format!("{:width$}  {}", stage.name, headline(&m.metrics)));
+        }
+    }
+    for (i, stage) in loaded.plan.stages.iter().enumerate() {
+        if stage.kind == "report" {
+            if let Some(e) = entry(i) {
+                lines.push(format!(
+                    "report ({}): {}",
+                    stage.name,
+                    e.dir.join("index.html").display()
+                ));
+            }
+        }
+    }
+    lines
+}
+
+/// `acc 0.603 [0.52, 0.68]  F1 0.44  AUC 0.71 [0.64, 0.78]  majority 0.503` from an evaluate
+/// stage's metrics.
+pub fn headline(m: &serde_json::Value) -> String {
+    let num = |k: &str| m[k].as_f64();
+    let ci = |k: &str| {
+        m[k].as_array()
+            .filter(|b| b.len() == 2)
+            .map_or(String::new(), |b| {
+                format!(
+                    " [{:.2}, {:.2}]",
+                    b[0].as_f64().unwrap_or(f64::NAN),
+                    b[1].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+    };
+    let mut parts = Vec::new();
+    if let Some(a) = num("accuracy") {
+        parts.push(format!("acc {a:.3}{}", ci("accuracy_ci95")));
+    }
+    if let Some(f) = num("macro_f1") {
+        parts.push(format!("F1 {f:.3}"));
+    }
+    if let Some(a) = num("auc_mean") {
+        parts.push(format!("AUC {a:.3}{}", ci("auc_mean_ci95")));
+    }
+    if let Some(b) = num("majority_baseline") {
+        parts.push(format!("majority {b:.3}"));
+    }
+    parts.join("  ")
 }

@@ -179,6 +179,7 @@ fn remember(
             key_input: keyed.input.clone(),
             at_unix: now,
             invocation: invocation.clone(),
+            pipeline: String::new(),
         });
     }
 }

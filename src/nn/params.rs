@@ -190,18 +190,24 @@ impl ParamStore {
     }
 
     /// Writes every parameter (names as the reference's state_dict keys) to a safetensors file,
-    /// atomically.
+    /// atomically. Each BatchNorm also gets the `num_batches_tracked` buffer torch's state_dict
+    /// has (an i64 scalar, 0: pretext does not count batches, and torch reads it only when
+    /// `momentum=None`), so `load_state_dict(strict=True)` finds every key it expects.
     pub fn save_safetensors(
         &self,
         path: &Path,
         filter: impl Fn(&str) -> bool,
     ) -> anyhow::Result<()> {
-        let tensors: HashMap<String, Tensor> = self
-            .named()
-            .into_iter()
-            .filter(|(n, _)| filter(n))
-            .map(|(n, v)| (n, v.as_tensor().clone()))
-            .collect();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (name, var) in self.named().into_iter().filter(|(n, _)| filter(n)) {
+            if let Some(norm) = name.strip_suffix(".running_mean") {
+                tensors.insert(
+                    format!("{norm}.num_batches_tracked"),
+                    Tensor::new(0i64, &Device::Cpu)?,
+                );
+            }
+            tensors.insert(name, var.as_tensor().clone());
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         let tmp = tempfile::NamedTempFile::new_in(dir)?;
         candle_core::safetensors::save(&tensors, tmp.path())?;

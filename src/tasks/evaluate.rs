@@ -17,7 +17,6 @@ use crate::train::metrics::{
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::fmt::Write as _;
 
 pub struct Evaluate;
 
@@ -40,7 +39,7 @@ fn d_rounds() -> usize {
 
 impl Task for Evaluate {
     const KIND: &'static str = "evaluate";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "scores a fine-tuned model once on the test split, with bootstrap confidence intervals";
     type Params = Params;
@@ -110,26 +109,23 @@ impl Task for Evaluate {
             roc_auc_per_class(&onehot(idx), &sub).1
         });
 
-        let mut csv = String::from("path,label,prediction");
-        for c in &card.classes {
-            write!(csv, ",p_{c}")?;
-        }
-        csv.push('\n');
+        // Paths relative to the data folder, so the file means the same on another machine.
+        let mut csv = csv::Writer::from_path(ctx.out_dir.join("predictions.csv"))?;
+        let mut header = vec!["path".to_owned(), "label".into(), "prediction".into()];
+        header.extend(card.classes.iter().map(|c| format!("p_{c}")));
+        csv.write_record(&header)?;
         for (j, &i) in test.iter().enumerate() {
             let s = &set.dataset.samples[set.sample_of[i]];
-            write!(
-                csv,
-                "\"{}\",{},{}",
-                s.path.display(),
-                card.classes[truth[j]],
-                card.classes[pred[j]]
-            )?;
-            for v in &probs[j] {
-                write!(csv, ",{v:.6}")?;
-            }
-            csv.push('\n');
+            let path = s.path.strip_prefix(&set.dataset.root).unwrap_or(&s.path);
+            let mut row = vec![
+                path.display().to_string(),
+                card.classes[truth[j]].clone(),
+                card.classes[pred[j]].clone(),
+            ];
+            row.extend(probs[j].iter().map(|v| format!("{v:.6}")));
+            csv.write_record(&row)?;
         }
-        std::fs::write(ctx.out_dir.join("predictions.csv"), csv)?;
+        csv.flush()?;
 
         // Study-level (MURA-style): mean probability of the positive class per study, binary tasks only.
         let groups: Vec<Option<&String>> = test

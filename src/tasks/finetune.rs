@@ -8,7 +8,7 @@ use super::fit::{
     batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, store_size,
     EpochLoss, ImageSet, OptimSpec, SetSpec, TrainingPlan,
 };
-use super::net::{ModelCard, Net, NetDesc};
+use super::net::{ModelCard, Net, NetDesc, Preprocess};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
@@ -618,6 +618,13 @@ impl Task for Finetune {
         std::fs::create_dir_all(&model_dir)?;
         net.params
             .save_safetensors(&model_dir.join("model.safetensors"), |_| true)?;
+        let python = desc.python(Preprocess {
+            channels: 1,
+            store,
+            size: p.img_size,
+            mean,
+            std,
+        })?;
         let card = ModelCard {
             net: desc,
             classes: classes.clone(),
@@ -625,6 +632,7 @@ impl Task for Finetune {
             std,
             store,
             best_epoch: h.best_epoch,
+            python: Some(python),
         };
         std::fs::write(
             model_dir.join("model.json"),

@@ -465,12 +465,113 @@ pub struct ModelCard {
     pub store: usize,
     #[serde(default)]
     pub best_epoch: usize,
+    /// How to build the same network in Python and feed it (docs/python.md); absent in cards
+    /// written before 2026-12-07.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonHandoff>,
+}
+
+/// The constructor of the reference library whose `state_dict()` the weights match, and the
+/// preprocessing the model was trained with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PythonHandoff {
+    /// `timm` or `torchvision`.
+    pub library: String,
+    /// A callable, e.g. `timm.models.vision_transformer.VisionTransformer`.
+    pub constructor: String,
+    pub kwargs: serde_json::Value,
+    /// The stem convolution to replace before loading: torchvision's take 3 channels, pretext's
+    /// models grey images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grey_stem: Option<GreyStem>,
+    pub preprocess: Preprocess,
+}
+
+/// `<attribute> = torch.nn.Conv2d(1, out_channels, kernel_size=7, stride=2, padding=3,
+/// bias=False)`, the stem of torchvision's ResNets and DenseNets with one input channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GreyStem {
+    /// Dotted path of the module, e.g. `conv1` or `features.conv0`.
+    pub attribute: String,
+    pub out_channels: usize,
+}
+
+/// What an image goes through before the network sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// 1: grey (an RGB file is converted to luminance).
+    pub channels: usize,
+    /// Decoded once at `store` x `store` (triangle filter, the aspect ratio not kept) ...
+    pub store: usize,
+    /// ... then resized (bilinear) to `size` x `size`.
+    pub size: usize,
+    /// Pixel values are v / 255, then (v - mean) / std.
+    pub mean: f32,
+    pub std: f32,
 }
 
 impl ModelCard {
     /// The side images are decoded at before they are resized to the network's input.
     pub fn store_size(&self) -> usize {
         self.store.max(self.net.img_size)
+    }
+}
+
+impl NetDesc {
+    /// The reference constructor that builds this network with the same state_dict keys.
+    pub fn python(&self, preprocess: Preprocess) -> Result<PythonHandoff> {
+        let classes = self.num_classes;
+        let stem = |attribute: &str, out_channels: usize| GreyStem {
+            attribute: attribute.to_owned(),
+            out_channels,
+        };
+        let (library, constructor, kwargs, grey_stem) = match self.arch.as_str() {
+            a if a.starts_with("vit") => {
+                let c = self.vit_config()?;
+                (
+                    "timm",
+                    "timm.models.vision_transformer.VisionTransformer".to_owned(),
+                    serde_json::json!({
+                        "img_size": c.img_size, "patch_size": c.patch_size, "in_chans": 1,
+                        "num_classes": classes, "embed_dim": c.embed_dim, "depth": c.depth,
+                        "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio, "global_pool": "avg",
+                        "fc_norm": true, "class_token": true,
+                    }),
+                    None,
+                )
+            }
+            a if a.starts_with("resnet") => (
+                "torchvision",
+                format!("torchvision.models.{a}"),
+                serde_json::json!({ "num_classes": classes }),
+                Some(stem("conv1", 64)),
+            ),
+            "densenet121" => (
+                "torchvision",
+                "torchvision.models.densenet121".to_owned(),
+                serde_json::json!({ "num_classes": classes }),
+                Some(stem("features.conv0", 64)),
+            ),
+            _ => {
+                let d = self.densenet_dims.clone().unwrap_or_default();
+                (
+                    "torchvision",
+                    "torchvision.models.DenseNet".to_owned(),
+                    serde_json::json!({
+                        "growth_rate": d.first(), "num_init_features": d.get(1),
+                        "block_config": d.get(2..), "bn_size": 4, "num_classes": classes,
+                    }),
+                    Some(stem("features.conv0", d.get(1).copied().unwrap_or(64))),
+                )
+            }
+        };
+        Ok(PythonHandoff {
+            library: library.to_owned(),
+            constructor,
+            kwargs,
+            grey_stem,
+            preprocess,
+        })
     }
 }
 

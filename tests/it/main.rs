@@ -5,6 +5,7 @@ mod datasets;
 mod fuzz;
 mod hostile;
 mod orchestrator;
+mod results;
 mod science;
 mod signals;
 mod slurm;

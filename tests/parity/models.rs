@@ -393,3 +393,65 @@ fn gradcam_matches_pytorch_grad_cam() {
         }
     }
 }
+
+/// What pretext writes for a model (`ParamStore::save_safetensors`, the file behind every
+/// `model.safetensors` and `encoder.safetensors`) has exactly the keys and shapes of the
+/// reference's `state_dict()` for the same constructor, as each fixture lists them: a strict
+/// `load_state_dict` in timm or torchvision cannot fail on a missing or extra key.
+#[test]
+fn exported_weights_have_the_reference_state_dict_keys_and_shapes() {
+    let cases: [(&str, fn(&Value, &ParamStore)); 3] = [
+        ("timm.models.vision_transformer", |c, p| {
+            let cfg: VitConfig = serde_json::from_value(c.clone()).unwrap();
+            Vit::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        }),
+        ("torchvision.models.resnet", |c, p| {
+            let cfg: ResNetConfig = serde_json::from_value(c.clone()).unwrap();
+            ResNet::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        }),
+        ("DenseNet", |c, p| {
+            let cfg: DenseNetConfig = serde_json::from_value(c.clone()).unwrap();
+            DenseNet::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        }),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (module, build) in cases {
+        let fixtures = of_kind(module);
+        assert!(!fixtures.is_empty(), "{module}");
+        for f in fixtures {
+            let x = f.t("input.x");
+            let params = ParamStore::new();
+            build(&with_in_chans(f.config(), &x), &params);
+            let file = dir.path().join(format!("{}.safetensors", f.name));
+            params.save_safetensors(&file, |_| true).unwrap();
+            let written = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+            let ours: std::collections::BTreeMap<String, Vec<usize>> = written
+                .iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .collect();
+            let theirs: std::collections::BTreeMap<String, Vec<usize>> = f.json["weights"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| {
+                    let shape = v["shape"].as_array().unwrap();
+                    (
+                        k.clone(),
+                        shape.iter().map(|d| d.as_u64().unwrap() as usize).collect(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                ours, theirs,
+                "{}: keys and shapes of the state_dict",
+                f.name
+            );
+            if let Some(t) = written
+                .iter()
+                .find(|(k, _)| k.ends_with("num_batches_tracked"))
+            {
+                assert_eq!(t.1.dtype(), DType::I64, "torch's buffer is int64");
+            }
+        }
+    }
+}
