@@ -280,6 +280,7 @@ fn build(a: &Shape, x: &Tensor, dev: &Device) -> Result<Bench> {
         densenet_dims: None,
         drop_path: 0.0,
         num_classes: 4,
+        weight_init: Default::default(),
     };
     let net = Net::build(&desc, 0, dev)?;
     let params = net.params.clone();

@@ -13,7 +13,7 @@ use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
 use crate::data::source::Split;
-use crate::nn::ops::{cross_entropy, weighted_cross_entropy};
+use crate::nn::ops::{cross_entropy, weighted_cross_entropy, WeightInit};
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
 use crate::train::metrics::{accuracy, roc_auc_per_class};
@@ -43,6 +43,10 @@ pub enum OptimizerKind {
 
 fn d_optimizer() -> OptimizerKind {
     OptimizerKind::Adamw
+}
+
+fn is_timm_init(w: &WeightInit) -> bool {
+    *w == WeightInit::Timm
 }
 
 /// How the training loss weighs the classes.
@@ -182,6 +186,10 @@ pub struct Params {
     /// Which validation number chooses the checkpoint kept.
     #[serde(default = "d_select")]
     pub select: Select,
+    /// How a ViT's weights start where no checkpoint sets them (the head, or all of a scratch
+    /// model): `timm` (normal, std 0.02) or `mae` (xavier-uniform).
+    #[serde(default, skip_serializing_if = "is_timm_init")]
+    pub weight_init: WeightInit,
     /// `none` or `balanced` (weights inverse to class frequency in the training split).
     #[serde(default, skip_serializing_if = "ClassWeights::is_none")]
     pub class_weights: ClassWeights,
@@ -245,6 +253,7 @@ impl Params {
                 0.0
             },
             num_classes: classes,
+            weight_init: self.weight_init,
         }
     }
 

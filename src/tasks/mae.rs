@@ -163,6 +163,7 @@ impl Params {
             densenet_dims: self.densenet_dims.clone(),
             drop_path: 0.0,
             num_classes: 0,
+            weight_init: Default::default(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! initialised from upstream encoders or ImageNet checkpoints.
 
 use crate::nn::densenet::{DenseNet, DenseNetConfig};
-use crate::nn::ops::relu;
+use crate::nn::ops::{relu, WeightInit};
 use crate::nn::params::ParamStore;
 use crate::nn::resnet::{ResNet, ResNetConfig};
 use crate::nn::tap::Taps;
@@ -32,6 +32,14 @@ pub struct NetDesc {
     #[serde(default)]
     pub drop_path: f64,
     pub num_classes: usize,
+    /// How a ViT's weights start before any checkpoint is loaded (timm's classifier init by
+    /// default; `mae` for the official MAE's xavier init).
+    #[serde(default, skip_serializing_if = "is_timm")]
+    pub weight_init: WeightInit,
+}
+
+fn is_timm(w: &WeightInit) -> bool {
+    *w == WeightInit::Timm
 }
 
 fn eight() -> usize {
@@ -137,6 +145,7 @@ impl NetDesc {
             );
         }
         cfg.drop_path_rate = self.drop_path;
+        cfg.weight_init = self.weight_init;
         Ok(cfg)
     }
 
@@ -617,6 +626,7 @@ mod tests {
             densenet_dims: None,
             drop_path: 0.0,
             num_classes: classes,
+            weight_init: WeightInit::Timm,
         }
     }
 

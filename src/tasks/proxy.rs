@@ -120,6 +120,7 @@ impl Params {
             densenet_dims: self.densenet_dims.clone(),
             drop_path: 0.0,
             num_classes: outputs,
+            weight_init: Default::default(),
         }
     }
 }

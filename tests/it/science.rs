@@ -382,6 +382,7 @@ fn models_learn_on_real_images_and_every_parameter_gets_a_gradient() {
             densenet_dims: Some(vec![8, 16, 2, 2]),
             drop_path: 0.1,
             num_classes: 4,
+            weight_init: Default::default(),
         };
         let net = Net::build(&desc, 1, &Device::Cpu).unwrap();
         let mut opt = optimizer(
