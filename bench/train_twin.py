@@ -3,8 +3,12 @@
 AdamW) on random data, timed the same way (median after one warm-up step, peak RSS over the timed
 steps via /proc/self/clear_refs). Prints one JSON object with the fields of the Rust side.
 
-`pretext bench train` runs this itself; by hand:
-    python3 bench/train_twin.py --model mae --img 64 --patch 8 --threads 2
+PyTorch runs as its users run it: attention through F.scaled_dot_product_attention (timm's
+default), CNN activations in channels_last; --attention explicit and --memory-format contiguous
+give the slower forms, --precision bf16 the autocast one.
+
+`pretext bench train` runs this in a process of its own; by hand:
+    OMP_NUM_THREADS=2 python3 bench/train_twin.py --model mae --img 64 --patch 8 --threads 2
 Needs only torch (torchvision is not used: the CNNs are written out here with torchvision's shapes).
 """
 import argparse
@@ -16,6 +20,9 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Set from --attention in main(): scaled_dot_product_attention (timm's default) or the ops written out.
+FUSED_ATTENTION = True
 
 
 def sincos_2d(dim, grid):
@@ -40,10 +47,13 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        # Written out (not scaled_dot_product_attention): the same ops the candle side runs.
-        attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
-        attn = attn.softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        if FUSED_ATTENTION:
+            # What timm runs (fused_attn): PyTorch as its users run it.
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+            out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class Block(nn.Module):
@@ -212,15 +222,26 @@ def main():
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--mask-ratio", type=float, default=0.75)
     ap.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "explicit"],
+                    help="sdpa: F.scaled_dot_product_attention, as timm runs it (default)")
+    ap.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
+                    help="layout of the CNNs' activations (default channels_last, the fast one on CPUs)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: autocast on the forward pass, loss and optimiser in fp32")
     a = ap.parse_args()
+    global FUSED_ATTENTION
+    FUSED_ATTENTION = a.attention == "sdpa"
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = {"mae": Mae, "vit": Vit, "resnet": ResNet18, "densenet": DenseNet121}[a.model]
     model = model(a) if a.model in ("mae", "vit") else model()
     dev = torch.device(a.device)
-    model.to(dev).train()
+    cnn = a.model in ("resnet", "densenet")
+    fmt = torch.channels_last if cnn and a.memory_format == "channels_last" else torch.contiguous_format
+    model.to(dev, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    x = torch.randn(a.batch, 1, a.img, a.img, device=dev)
+    x = torch.randn(a.batch, 1, a.img, a.img, device=dev).contiguous(memory_format=fmt)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
     y = torch.arange(a.batch, device=dev) % 4
 
     def sync():
@@ -231,7 +252,9 @@ def main():
         opt.zero_grad(set_to_none=True)
         sync()
         t0 = time.perf_counter()
-        loss = model(x) if a.model == "mae" else F.cross_entropy(model(x), y)
+        with autocast:
+            out = model(x)
+        loss = out.float() if a.model == "mae" else F.cross_entropy(out.float(), y)
         sync()
         t1 = time.perf_counter()
         loss.backward()
@@ -250,7 +273,7 @@ def main():
     times = [step() for _ in range(a.steps)]
     med = statistics.median(sum(t) for t in times)
     print(json.dumps({
-        "impl": f"pytorch ({a.device})", "model": a.model, "img": a.img, "patch": a.patch, "dim": a.dim,
+        "impl": f"pytorch ({a.device}{', bf16 autocast' if a.precision == 'bf16' else ''})", "model": a.model, "img": a.img, "patch": a.patch, "dim": a.dim,
         "depth": a.depth, "heads": a.heads, "batch": a.batch, "threads": a.threads,
         "steps": a.steps, "step_ms_median": med, "steps_per_s": 1e3 / med,
         "forward_ms": statistics.median(t[0] for t in times),

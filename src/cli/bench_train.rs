@@ -1,16 +1,28 @@
-//! `pretext bench train`: one training step (forward, backward, AdamW) of a model on random data,
-//! timed after a warm-up, with the process's peak RSS over the timed steps; and, in the same run,
-//! the same model in PyTorch (`bench/train_twin.py`) when `import torch` works.
+//! `pretext bench train`: training steps (forward, backward, AdamW) of a model on random data,
+//! candle against the same model in PyTorch (`bench/train_twin.py`), measured so that neither
+//! side is favoured:
 //!
-//! `--json` prints one object per side:
+//! - each measurement is a fresh process of its own, started by this command, which itself
+//!   loads no model, starts no thread pool and holds no memory while the sides run. (The twin
+//!   used to run as a child of the process that had just measured candle, and ran about 1.4x
+//!   slower there than on its own: BENCHMARKS.md has the probe.)
+//! - the sides alternate, A B then B A, for `--pairs` pairs; each process discards a warm-up
+//!   step and reports the median of its timed steps;
+//! - the ratio is reported per pair, then as the median of the pairs with its range;
+//! - the 1-minute load average at the start is reported, with a warning above 0.5.
+//!
+//! `--no-torch` measures candle once, in this process (what each candle side of the harness
+//! runs). `--json` prints one object: `{"model":..,"machine":"AMD EPYC","load_at_start":0.1,
+//! "pairs":[{"candle":{..},"pytorch":{..},"speed_ratio":1.02}],"speed_ratio_median":1.0,
+//! "speed_ratio_min":0.9,"speed_ratio_max":1.1}`, where each side has the fields of
 //!
 //! ```json
 //! {"impl":"candle (cpu)","model":"mae","img":64,"patch":8,"dim":192,"depth":12,"heads":3,"batch":32,
 //!  "threads":2,"steps":5,"step_ms_median":412.0,"steps_per_s":2.43,"forward_ms":120.1,
 //!  "backward_ms":260.3,"optimizer_ms":31.6,"peak_rss_mib":510.2}
 //! ```
-//! and `{"impl":"pytorch (cpu)",...}` with the same fields (or `"error"` when the twin could not
-//! run); the parenthesis names the device.
+//! (`speed_ratio` is candle's steps per second over PyTorch's: above 1, candle is faster). With
+//! `--no-torch --json`, the candle object alone.
 
 use crate::nn::mae::{Mae, MaeConfig};
 use crate::nn::ops::cross_entropy;
@@ -64,6 +76,9 @@ pub struct TrainArgs {
     /// Timed steps (after one warm-up step); the median is reported.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Pairs of runs (one candle process, one PyTorch process each), alternated.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pairs: u32,
     /// Threads for both sides [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -82,6 +97,10 @@ pub struct TrainArgs {
     /// The Python that runs the twin [env: PRETEXT_PYTHON; default: python3].
     #[arg(long)]
     python: Option<PathBuf>,
+    /// The rival's script [default: bench/train_twin.py]. It takes the shape flags and prints
+    /// one JSON object with the fields above on its last line.
+    #[arg(long)]
+    twin: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -125,72 +144,222 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
     if args.shape.batch == 0 || args.steps == 0 || threads == 0 {
         bail!("--batch, --steps and --threads must be at least 1");
     }
+    if args.no_torch {
+        return in_process(&args, threads);
+    }
+    let report = side_by_side(&args, threads)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table(&describe(&args)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Candle measured in this process: one side of the harness.
+fn in_process(args: &TrainArgs, threads: usize) -> Result<ExitCode> {
     // candle's kernels and the gemm crate size their pools from this variable; nothing has
     // started a pool yet at this point.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let dev = crate::tasks::compute_device(&args.device)
         .map_err(|e| super::UsageError(format!("--device: {e:#}")))?;
     if let Some(tolerance) = args.compare_cpu {
-        let worst = compare_with_cpu(&args, &dev, tolerance)?;
+        let worst = compare_with_cpu(args, &dev, tolerance)?;
         if worst > tolerance {
             eprintln!("error: {} and the CPU disagree by {worst:.2e}", args.device);
             return Ok(ExitCode::from(1));
         }
     }
     let ours = measure(&args.shape, args.steps, threads, &dev, &args.device)?;
-    let twin = if args.no_torch {
-        None
-    } else {
-        Some(pytorch(&args, threads))
-    };
     if args.json {
         println!("{}", serde_json::to_string(&ours)?);
-        match &twin {
-            Some(Ok(t)) => println!("{}", serde_json::to_string(t)?),
-            Some(Err(e)) => println!(
-                "{}",
-                serde_json::json!({"impl": format!("pytorch ({})", args.device), "error": format!("{e:#}")})
-            ),
-            None => {}
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{} img {} batch {} threads {}: forward + backward + AdamW, median of {} steps",
-        describe(&args),
-        args.shape.img,
-        args.shape.batch,
-        threads,
-        args.steps
-    );
-    println!("| impl | ms/step | steps/s | forward / backward / optimizer (ms) | peak RSS (MiB) |");
-    println!("|---|---|---|---|---|");
-    let row = |m: &Measured| {
+    } else {
         println!(
-            "| {} | {:.1} | {:.3} | {:.0} / {:.0} / {:.0} | {:.0} |",
-            m.implementation,
-            m.step_ms_median,
-            m.steps_per_s,
-            m.forward_ms,
-            m.backward_ms,
-            m.optimizer_ms,
-            m.peak_rss_mib
-        )
-    };
-    row(&ours);
-    match twin {
-        Some(Ok(t)) => {
-            row(&t);
-            println!(
-                "candle / PyTorch speed: {:.2}x (above 1 is faster); peak RSS {:.2}x",
-                ours.steps_per_s / t.steps_per_s,
-                ours.peak_rss_mib / t.peak_rss_mib
-            );
-        }
-        Some(Err(e)) => println!("PyTorch twin not run: {e:#}"),
-        None => {}
+            "{} img {} batch {} threads {}: {:.1} ms/step ({:.0} / {:.0} / {:.0} ms forward / backward / optimizer), peak RSS {:.0} MiB",
+            describe(args),
+            args.shape.img,
+            args.shape.batch,
+            threads,
+            ours.step_ms_median,
+            ours.forward_ms,
+            ours.backward_ms,
+            ours.optimizer_ms,
+            ours.peak_rss_mib
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One pair of the harness: each side measured in its own process.
+#[derive(Debug, Serialize)]
+struct Pair {
+    /// Which side ran first in this pair.
+    first: &'static str,
+    candle: Measured,
+    pytorch: Measured,
+    /// candle steps/s over PyTorch's.
+    speed_ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct SideBySide {
+    machine: String,
+    load_at_start: Option<f64>,
+    pairs: Vec<Pair>,
+    speed_ratio_median: f64,
+    speed_ratio_min: f64,
+    speed_ratio_max: f64,
+}
+
+/// The load above which a side-by-side is not trusted without a second look.
+const BUSY_LOAD: f64 = 0.5;
+
+fn side_by_side(args: &TrainArgs, threads: usize) -> Result<SideBySide> {
+    let load_at_start = load_average();
+    if let Some(load) = load_at_start.filter(|&l| l > BUSY_LOAD) {
+        eprintln!("warning: the 1-minute load average is {load:.2}: other work competes with both sides, and their times say less");
+    }
+    let mut pairs = Vec::new();
+    for k in 0..args.pairs {
+        let candle_first = k % 2 == 0;
+        let (candle, pytorch) = if candle_first {
+            let c = candle_process(args, threads)?;
+            (c, pytorch(args, threads)?)
+        } else {
+            let t = pytorch(args, threads)?;
+            (candle_process(args, threads)?, t)
+        };
+        eprintln!(
+            "pair {}: candle {:.1} ms, PyTorch {:.1} ms per step",
+            k + 1,
+            candle.step_ms_median,
+            pytorch.step_ms_median
+        );
+        pairs.push(Pair {
+            first: if candle_first { "candle" } else { "pytorch" },
+            speed_ratio: candle.steps_per_s / pytorch.steps_per_s,
+            candle,
+            pytorch,
+        });
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|p| p.speed_ratio).collect();
+    Ok(SideBySide {
+        machine: cpu_model(),
+        load_at_start,
+        speed_ratio_median: median(ratios.iter().copied()),
+        speed_ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        speed_ratio_max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        pairs,
+    })
+}
+
+impl SideBySide {
+    fn table(&self, what: &str) -> String {
+        let mut out = format!(
+            "{what}: forward + backward + AdamW, each side in its own process, {} pairs alternated\n",
+            self.pairs.len()
+        );
+        out.push_str(&format!(
+            "machine: {}, load average at start {}\n",
+            self.machine,
+            self.load_at_start
+                .map_or("unknown".into(), |l| format!("{l:.2}"))
+        ));
+        out.push_str("| pair | first | candle ms/step | PyTorch ms/step | candle / PyTorch speed | peak RSS candle / PyTorch (MiB) |\n|---|---|---|---|---|---|\n");
+        for (k, p) in self.pairs.iter().enumerate() {
+            out.push_str(&format!(
+                "| {} | {} | {:.1} | {:.1} | {:.2}x | {:.0} / {:.0} |\n",
+                k + 1,
+                p.first,
+                p.candle.step_ms_median,
+                p.pytorch.step_ms_median,
+                p.speed_ratio,
+                p.candle.peak_rss_mib,
+                p.pytorch.peak_rss_mib
+            ));
+        }
+        out.push_str(&format!(
+            "candle / PyTorch speed: {:.2}x, median of {} pairs (range {:.2}-{:.2}x; above 1 is faster)\n",
+            self.speed_ratio_median,
+            self.pairs.len(),
+            self.speed_ratio_min,
+            self.speed_ratio_max
+        ));
+        out
+    }
+}
+
+/// The 1-minute load average (Linux).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The shape flags both sides take.
+fn shape_args(a: &TrainArgs, threads: usize) -> Vec<String> {
+    let s = &a.shape;
+    [
+        ("--model", s.model.clone()),
+        ("--img", s.img.to_string()),
+        ("--patch", s.patch.to_string()),
+        ("--dim", s.dim.to_string()),
+        ("--depth", s.depth.to_string()),
+        ("--heads", s.heads.to_string()),
+        ("--decoder-dim", s.decoder_dim.to_string()),
+        ("--decoder-depth", s.decoder_depth.to_string()),
+        ("--decoder-heads", s.decoder_heads.to_string()),
+        ("--mask-ratio", s.mask_ratio.to_string()),
+        ("--batch", s.batch.to_string()),
+        ("--steps", a.steps.to_string()),
+        ("--threads", threads.to_string()),
+        ("--device", a.device.clone()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_owned(), v])
+    .collect()
+}
+
+/// A side's process: a clean environment for thread counts (this process set none), its
+/// last stdout line read as the measurement.
+fn run_side(mut cmd: Command, what: &str) -> Result<Measured> {
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("starting {what}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!("{what} failed: {}", err.lines().last().unwrap_or("").trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("reading {what}'s output `{line}`"))
+}
+
+/// Candle in a fresh `pretext bench train --no-torch --json` process.
+fn candle_process(a: &TrainArgs, threads: usize) -> Result<Measured> {
+    let mut cmd = Command::new(std::env::current_exe().context("finding this binary")?);
+    cmd.args(["bench", "train", "--no-torch", "--json"])
+        .args(shape_args(a, threads));
+    run_side(cmd, "the candle side")
 }
 
 fn describe(a: &TrainArgs) -> String {
@@ -430,62 +599,27 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-/// Runs `bench/train_twin.py` with the same shape, threads and steps.
+/// The PyTorch twin in a fresh process, with the same shape, threads and steps.
 fn pytorch(a: &TrainArgs, threads: usize) -> Result<Measured> {
     let python = a
         .python
         .clone()
         .or_else(|| std::env::var_os("PRETEXT_PYTHON").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("python3"));
-    let script = twin_script()?;
-    let out = Command::new(&python)
-        .arg(&script)
-        .args([
-            "--model",
-            &a.shape.model,
-            "--img",
-            &a.shape.img.to_string(),
-            "--patch",
-            &a.shape.patch.to_string(),
-            "--dim",
-            &a.shape.dim.to_string(),
-            "--depth",
-            &a.shape.depth.to_string(),
-            "--heads",
-            &a.shape.heads.to_string(),
-            "--decoder-dim",
-            &a.shape.decoder_dim.to_string(),
-            "--decoder-depth",
-            &a.shape.decoder_depth.to_string(),
-            "--decoder-heads",
-            &a.shape.decoder_heads.to_string(),
-            "--mask-ratio",
-            &a.shape.mask_ratio.to_string(),
-            "--batch",
-            &a.shape.batch.to_string(),
-            "--steps",
-            &a.steps.to_string(),
-            "--threads",
-            &threads.to_string(),
-            "--device",
-            &a.device,
-        ])
+    let script = match &a.twin {
+        Some(t) => t.clone(),
+        None => twin_script()?,
+    };
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script)
+        .args(shape_args(a, threads))
         .env("OMP_NUM_THREADS", threads.to_string())
-        .env("MKL_NUM_THREADS", threads.to_string())
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().last().unwrap_or("").to_owned();
-        bail!(
-            "{} {} failed: {last} (set PRETEXT_PYTHON to a Python with torch)",
-            python.display(),
-            script.display()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or("");
-    serde_json::from_str(line).with_context(|| format!("reading the twin's output `{line}`"))
+        .env("MKL_NUM_THREADS", threads.to_string());
+    run_side(cmd, &format!("{} {}", python.display(), script.display())).map_err(|e| {
+        e.context(
+            "the PyTorch side (set PRETEXT_PYTHON to a Python with torch, or pass --no-torch)",
+        )
+    })
 }
 
 /// The twin lives in the repository's bench folder; found beside the working directory or the
