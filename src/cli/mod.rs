@@ -9,6 +9,7 @@ mod dag;
 mod data;
 mod gc;
 mod interrupt;
+mod kinds;
 mod results;
 mod run;
 mod show;
@@ -68,8 +69,10 @@ enum Command {
     /// Every evaluation in the cache as one table: route, params that differ, test metrics
     /// with confidence intervals, date, wall time, command; grouped by seed or diffed.
     Results(results::ResultsArgs),
-    /// List the stage kinds with their inputs and outputs.
-    Kinds,
+    /// The stage kinds; with a KIND, its inputs, outputs and every param (type, default, meaning).
+    Kinds(kinds::KindsArgs),
+    /// Print a JSON Schema of pipeline files (for editor completion and checking).
+    Schema(kinds::SchemaArgs),
     /// Look at data folders before training on them.
     Data(data::DataArgs),
     /// Measure training steps (beside PyTorch) and the data loader.
@@ -180,12 +183,29 @@ impl PipelineArgs {
         };
         let plan = load_plan(&self.file, catalog, &opts)?;
         let selected = plan.select(&self.stages).map_err(UsageError)?;
+        warn_of(&plan, &selected);
         let store = open_store(self.cache.as_deref(), &plan.root)?;
         Ok(Loaded {
             plan,
             store,
             selected,
         })
+    }
+}
+
+/// The kinds' plan-time warnings, once per stage template (not per matrix instance).
+fn warn_of(plan: &crate::pipeline::Plan, selected: &[bool]) {
+    let mut said = std::collections::HashSet::new();
+    for (stage, _) in plan.stages.iter().zip(selected).filter(|(_, &s)| s) {
+        for w in &stage.warnings {
+            if said.insert((stage.template.clone(), w.clone())) {
+                let at = match stage.line {
+                    Some(l) => format!("{}:{l}", stage.file.display()),
+                    None => stage.file.display().to_string(),
+                };
+                eprintln!("warning: {at}: stage `{}`: {w}", stage.template);
+            }
+        }
     }
 }
 
@@ -270,10 +290,8 @@ pub fn main() -> ExitCode {
         Command::CommandGuard(a) => crate::tasks::command::guard(a.parent, a.hold_fd, &a.run)
             .map(|code| ExitCode::from(code.clamp(0, 255) as u8)),
         Command::Results(a) => results::results(a),
-        Command::Kinds => {
-            print!("{}", kinds_text(&catalog));
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Kinds(a) => kinds::kinds(a, &catalog),
+        Command::Schema(a) => kinds::schema(a, &catalog),
     };
     match result {
         Ok(code) => code,
@@ -327,42 +345,4 @@ fn quiet_elementwise_pool() {
     if small && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-}
-
-fn kinds_text(catalog: &Catalog) -> String {
-    let mut out = String::new();
-    for kind in catalog.kinds() {
-        let entry = catalog.get(kind).expect("listed");
-        out.push_str(&format!(
-            "{kind} (version {}): {}\n",
-            entry.version, entry.summary
-        ));
-        let defaults = (entry.normalize)(serde_json::json!({}));
-        if let Err(e) = &defaults {
-            out.push_str(&format!(
-                "  params: {e} (the others have defaults; see docs/pipelines.md)\n"
-            ));
-        }
-        if let Ok(defaults) = defaults {
-            out.push_str(&format!("  params (defaults): {defaults}\n"));
-            match (entry.inputs)(&defaults) {
-                Some(slots) => {
-                    for s in slots {
-                        out.push_str(&format!(
-                            "  input  {}{}{}: {}\n",
-                            s.name,
-                            if s.many { " (list)" } else { "" },
-                            if s.required { "" } else { " (optional)" },
-                            s.doc
-                        ));
-                    }
-                }
-                None => out.push_str("  inputs: any names\n"),
-            }
-            for o in (entry.outputs)(&defaults) {
-                out.push_str(&format!("  output {} ({}): {}\n", o.name, o.path, o.doc));
-            }
-        }
-    }
-    out
 }

@@ -78,6 +78,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     });
     let _sharing = loaded.store.share_with_runs()?;
     let (keys, blocked) = keys_or_blocked(&mut loaded);
+    preflight(&loaded, &keys, catalog)?;
     let mut force = vec![false; loaded.plan.stages.len()];
     for name in &args.force {
         let hits: Vec<usize> = (0..force.len())
@@ -241,4 +242,52 @@ pub fn headline(m: &serde_json::Value) -> String {
         parts.push(format!("majority {b:.3}"));
     }
     parts.join("  ")
+}
+
+/// Each stage that will run checks its data inputs before any stage starts (a missing test split
+/// fails here, not after the training upstream of it). Checked once per kind and data input.
+fn preflight(
+    loaded: &super::Loaded,
+    keys: &[crate::exec::keys::Keyed],
+    catalog: &Catalog,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let mut problems = Vec::new();
+    for (i, stage) in loaded.plan.stages.iter().enumerate() {
+        if !loaded.selected[i] || loaded.store.lookup(&stage.kind, &keys[i].key).is_some() {
+            continue;
+        }
+        let Some(entry) = catalog.get(&stage.kind) else {
+            continue;
+        };
+        let inputs = crate::exec::resolve_inputs(&loaded.plan, keys, &loaded.store, i);
+        let data: Vec<String> = inputs
+            .0
+            .values()
+            .flat_map(|v| match v {
+                crate::tasks::InputValue::One(item) => vec![item],
+                crate::tasks::InputValue::Many(items) => items.iter().collect(),
+            })
+            .filter(|item| item.digest.is_some())
+            .map(|item| format!("{}{:?}", item.path.display(), item.options))
+            .collect();
+        if !seen.insert((stage.kind.clone(), data)) {
+            continue;
+        }
+        if let Err(e) = (entry.preflight)(&stage.params, &inputs) {
+            let at = stage.line.map_or(String::new(), |l| {
+                format!(" ({}:{l})", stage.file.display())
+            });
+            problems.push(format!("stage `{}`{at}: {e:#}", stage.name));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(UsageError(format!(
+        "{} stage(s) cannot run on their data; nothing was started:\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    ))
+    .into())
 }

@@ -53,7 +53,17 @@ impl LayerNorm {
 /// small data: the official MAE draws every linear layer xavier-uniform (RMS 0.14 for a 192-wide
 /// head), timm's classifier ViT draws them normal with std 0.02, its cls token with 1e-6, and
 /// leaves the patch embedding at PyTorch's convolution default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightInit {
     /// The official MAE (`initialize_weights`): xavier-uniform linears and patch embedding.

@@ -42,6 +42,8 @@ pub struct PlannedStage {
     pub binding: Vec<(String, Value)>,
     pub file: PathBuf,
     pub line: Option<usize>,
+    /// What the kind's lint says of the params (values that run, but probably not as meant).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -602,6 +604,7 @@ impl<'a> Expander<'a> {
                 .get(template)
                 .map(|&(l, _)| l);
             let index = self.stages.len();
+            let warnings = (entry.lint)(&params);
             self.stages.push(PlannedStage {
                 name,
                 template: template.to_owned(),
@@ -617,6 +620,7 @@ impl<'a> Expander<'a> {
                     .collect(),
                 file: self.merged.sources[source].path.clone(),
                 line,
+                warnings,
             });
             instances.push((binding, index));
         }

@@ -49,6 +49,15 @@ pub fn schedule(epochs: usize, batch: usize, warmup_epochs: f64, weight_decay: f
     within("weight_decay", weight_decay, 0.0, f64::MAX, false)
 }
 
+/// The plan-time warning of a warmup as long as the run.
+pub fn warmup_lint(warmup_epochs: f64, epochs: usize) -> Vec<String> {
+    if warmup_epochs >= epochs as f64 {
+        vec![format!("warmup_epochs ({warmup_epochs}) >= epochs ({epochs}): the warmup is cut to half the run, and the lr peaks only at its middle")]
+    } else {
+        Vec::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

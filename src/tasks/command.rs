@@ -35,7 +35,7 @@ use std::time::Duration;
 
 pub struct Command;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Params {
     /// The shell command (the stage's `run:` field).
     pub run: String,

@@ -20,15 +20,19 @@ use serde_json::{json, Value};
 
 pub struct Evaluate;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
+    /// Bootstrap resamples of the test set for the 95% confidence intervals.
     #[serde(default = "d_rounds")]
     pub bootstrap: usize,
+    /// Seeds the bootstrap resamples.
     #[serde(default)]
     pub seed: u64,
+    /// Use at most this many images, evenly spaced (quick runs).
     #[serde(default)]
     pub max_images: Option<usize>,
+    /// `error`: stop at an image that does not decode, naming its row; `skip`: leave it out and count it.
     #[serde(default)]
     pub on_bad_image: OnBadImage,
 }
@@ -46,6 +50,10 @@ impl Task for Evaluate {
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
         Some(super::net::model_and_data_inputs())
+    }
+
+    fn preflight(_: &Params, inputs: &Inputs) -> Result<()> {
+        super::fit::preflight_labelled(inputs.item("data")?, &[Split::Test])
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {

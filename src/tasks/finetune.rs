@@ -27,14 +27,14 @@ use std::sync::Arc;
 
 pub struct Finetune;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     Full,
     LinearProbe,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     Adamw,
@@ -50,7 +50,9 @@ fn is_timm_init(w: &WeightInit) -> bool {
 }
 
 /// How the training loss weighs the classes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ClassWeights {
     /// Every image counts the same (the reference's choice).
@@ -94,7 +96,7 @@ impl ClassWeights {
 }
 
 /// Which validation number picks the checkpoint that is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Select {
     /// Highest validation accuracy; ties keep the earliest epoch (the reference's rule).
@@ -105,26 +107,34 @@ pub enum Select {
     Loss,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
+    /// The network: `vit_tiny` / `vit_small` / `vit_base`, `vit` (with `vit_dims`), `resnet18` / `resnet34` / `resnet50`, `densenet121`, `densenet` (with `densenet_dims`).
     #[serde(default = "super::net::defaults::model")]
     pub model: String,
+    /// [embed dim, depth, heads] for `model: vit`.
     #[serde(default)]
     pub vit_dims: Option<[usize; 3]>,
+    /// [growth rate, initial features, layers per block...] for `model: densenet`.
     #[serde(default)]
     pub densenet_dims: Option<Vec<usize>>,
+    /// Input side in pixels (square; images are stretched, not cropped, to it).
     #[serde(default = "super::net::defaults::img_size")]
     pub img_size: usize,
+    /// ViT patch side in pixels (must divide `img_size`); for CNN masked-image pretraining, the side of the masked squares.
     #[serde(default = "super::net::defaults::patch")]
     pub patch: usize,
+    /// `full` fine-tuning, or `linear_probe` (only the head trains).
     #[serde(default = "d_mode")]
     pub mode: Mode,
     /// `adamw`, or `lars` (MAE's choice for linear probes).
     #[serde(default = "d_optimizer")]
     pub optimizer: OptimizerKind,
+    /// Passes over the training images.
     #[serde(default = "d_epochs")]
     pub epochs: usize,
+    /// Images per optimiser step.
     #[serde(default = "d_batch")]
     pub batch: usize,
     /// Peak learning rate, used as given. Unset (and no `blr`): 5e-4 for ViTs, 1e-3 for CNNs,
@@ -135,25 +145,32 @@ pub struct Params {
     /// either `lr` or `blr`.
     #[serde(default)]
     pub blr: Option<f64>,
+    /// The learning rate the cosine schedule ends at.
     #[serde(default = "d_min_lr")]
     pub min_lr: f64,
+    /// Epochs of linear warmup from 0 to the peak lr (cut to half the epochs if longer).
     #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
+    /// AdamW weight decay (none on biases, norms, position embeddings and tokens).
     #[serde(default = "super::net::defaults::weight_decay")]
     pub weight_decay: f64,
     /// Layer-wise lr decay for ViTs (ignored for CNNs). Unset: 0.75 when starting from
     /// pretrained weights (`init` or `imagenet`), none from scratch.
     #[serde(default)]
     pub layer_decay: Option<f64>,
+    /// Stochastic depth rate of the last ViT block (timm's linear rule over the blocks); 0 for CNNs.
     #[serde(default = "d_drop_path")]
     pub drop_path: f64,
+    /// RandAugment operations drawn per image (each applied with probability 0.5, as timm).
     #[serde(default = "d_ra_n")]
     pub randaug_n: usize,
     /// RandAugment magnitude (0-10); 0 turns it off.
     #[serde(default)]
     pub randaug_magnitude: f64,
+    /// Label smoothing of the cross-entropy (0: none).
     #[serde(default)]
     pub label_smoothing: f64,
+    /// RandomResizedCrop area range [low, high] as fractions of the image.
     #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
     /// Images are decoded once at `decode_scale` x `img_size`; training crops come from that
@@ -163,16 +180,20 @@ pub struct Params {
     /// 0 = uniform crop positions; towards 1 pulls crops to the image centre.
     #[serde(default)]
     pub center_bias: f64,
+    /// Flip training images horizontally with probability 0.5.
     #[serde(default = "yes")]
     pub hflip: bool,
+    /// Clip the gradient's global norm to this value (unset: no clipping).
     #[serde(default)]
     pub clip_grad: Option<f64>,
+    /// Share of the train split held out for validation (stratified, grouped by patient/study) when the data names no `val` rows.
     #[serde(default = "d_val")]
     pub val_fraction: f64,
     /// k-fold instead of `val_fraction`: the train split in `folds` grouped, stratified folds,
     /// fold `fold` (default 0) as validation. Left out of the key when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub folds: Option<usize>,
+    /// The fold used for validation with `folds` (default 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
     /// Seeds the validation carve-out and the label subsample; the same for every model `seed`,
@@ -193,10 +214,13 @@ pub struct Params {
     /// `none` or `balanced` (weights inverse to class frequency in the training split).
     #[serde(default, skip_serializing_if = "ClassWeights::is_none")]
     pub class_weights: ClassWeights,
+    /// Seeds the model's initial weights, the batches, masks and augmentations: the same seed gives the same run.
     #[serde(default)]
     pub seed: u64,
+    /// Use at most this many images, evenly spaced (quick runs).
     #[serde(default)]
     pub max_images: Option<usize>,
+    /// `error`: stop at an image that does not decode, naming its row; `skip`: leave it out and count it.
     #[serde(default)]
     pub on_bad_image: OnBadImage,
 }
@@ -374,6 +398,10 @@ impl Task for Finetune {
         ])
     }
 
+    fn lint(p: &Params) -> Vec<String> {
+        super::checks::warmup_lint(p.warmup_epochs, p.epochs)
+    }
+
     fn check(p: &Params) -> super::checks::Checked {
         use super::checks::{crop_scale, positive, positive_f, schedule, within};
         p.net(2).check()?;
@@ -421,6 +449,10 @@ impl Task for Finetune {
             positive("randaug_n", p.randaug_n)?;
         }
         Ok(())
+    }
+
+    fn preflight(_: &Params, inputs: &Inputs) -> Result<()> {
+        super::fit::preflight_labelled(inputs.item("data")?, &[Split::Train])
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {

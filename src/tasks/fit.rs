@@ -178,6 +178,35 @@ impl ImageSet {
     }
 }
 
+/// The plan-time look at a labelled data input: it opens (every listed file inside the folder,
+/// labels consistent) and has rows in each of `splits` (a split that the stage carves out of
+/// train, like validation, is not listed) and at least two classes.
+pub fn preflight_labelled(item: &InputItem, splits: &[Split]) -> Result<()> {
+    let ds = source::open_with(&item.path, &item.options)?;
+    if ds.classes.len() < 2 {
+        bail!(
+            "{}: {} class(es) ({:?}); a classifier needs at least two",
+            item.path.display(),
+            ds.classes.len(),
+            ds.classes
+        );
+    }
+    for split in splits {
+        let any = ds
+            .samples
+            .iter()
+            .any(|s| s.split.unwrap_or(Split::Train) == *split);
+        if !any {
+            bail!(
+                "{}: no image is in the {split:?} split; give rows `{}` in a `split` column of its labels file",
+                item.path.display(),
+                format!("{split:?}").to_lowercase()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn batch_tensors(b: &Batch, device: &Device) -> Result<(Tensor, Tensor)> {
     let x = Tensor::from_slice(&b.x, (b.n, 1, b.size, b.size), device)?;
     let y = Tensor::from_slice(&b.y, b.n, device)?;

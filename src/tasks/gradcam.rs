@@ -33,14 +33,14 @@ use std::fmt::Write as _;
 
 pub struct GradCamTask;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     Gradcam,
     GradcamPlusPlus,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     /// The true class of each image.
@@ -49,9 +49,10 @@ pub enum Target {
     Prediction,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
+    /// `gradcam` or `gradcam_plus_plus`.
     #[serde(default = "d_method")]
     pub method: Method,
     /// Tap name of the explained layer; default: the last block's norm1 (ViT), layer4 (ResNet;
@@ -59,15 +60,19 @@ pub struct Params {
     /// features.norm5 (DenseNet).
     #[serde(default)]
     pub layer: Option<String>,
+    /// The class each map explains: the true `label`, or the model's `prediction`.
     #[serde(default = "d_target")]
     pub target: Target,
     /// Side of the central square, as a fraction of the image side (0.5 = the central quarter).
     #[serde(default = "d_center")]
     pub center_fraction: f64,
+    /// Test images drawn in `overlays.png`, spread over classes and right / wrong predictions.
     #[serde(default = "d_overlays")]
     pub overlays: usize,
+    /// Also compute every statistic on the maps of the same architecture with random weights, the baseline that says whether a statistic is the model's or the architecture's.
     #[serde(default = "yes")]
     pub random_baseline: bool,
+    /// Use at most this many images, evenly spaced (quick runs).
     #[serde(default)]
     pub max_images: Option<usize>,
     /// Points on the deletion and insertion curves (0 skips them; each point is two forward
@@ -78,8 +83,10 @@ pub struct Params {
     /// IoU with each box is reported (with a `boxes` input). Default 0.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iou_threshold: Option<f64>,
+    /// Seeds the random-weights baseline model.
     #[serde(default)]
     pub seed: u64,
+    /// `error`: stop at an image that does not decode, naming its row; `skip`: leave it out and count it.
     #[serde(default)]
     pub on_bad_image: OnBadImage,
 }
@@ -429,6 +436,10 @@ impl Task for GradCamTask {
             doc: "boxes on test images for the pointing game and IoU: NIH's BBox_List_2017.csv, or a CSV of path,label,x,y,w,h in the original image's pixels",
         });
         Some(slots)
+    }
+
+    fn preflight(_: &Params, inputs: &Inputs) -> Result<()> {
+        super::fit::preflight_labelled(inputs.item("data")?, &[Split::Test])
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {

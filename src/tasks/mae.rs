@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 pub struct MaeTask;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MaskingKind {
     Random,
@@ -34,7 +34,7 @@ pub enum MaskingKind {
     Grid,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
     /// Encoder: a ViT (`vit_tiny`, `vit_small`, `vit_base`, `vit` with `vit_dims`) gets the
@@ -42,23 +42,31 @@ pub struct Params {
     /// `nn::masked_cnn` (masked patches zeroed, pixels reconstructed by a one-layer head).
     #[serde(default = "super::net::defaults::model")]
     pub model: String,
+    /// [embed dim, depth, heads] for `model: vit`.
     #[serde(default)]
     pub vit_dims: Option<[usize; 3]>,
     /// [growth, init_features, blocks...] for `model: densenet`.
     #[serde(default)]
     pub densenet_dims: Option<Vec<usize>>,
+    /// Input side in pixels (square; images are stretched, not cropped, to it).
     #[serde(default = "super::net::defaults::img_size")]
     pub img_size: usize,
+    /// ViT patch side in pixels (must divide `img_size`); for CNN masked-image pretraining, the side of the masked squares.
     #[serde(default = "super::net::defaults::patch")]
     pub patch: usize,
+    /// MAE decoder width.
     #[serde(default = "d_dec_dim")]
     pub decoder_dim: usize,
+    /// MAE decoder blocks.
     #[serde(default = "d_dec_depth")]
     pub decoder_depth: usize,
+    /// MAE decoder attention heads.
     #[serde(default = "d_dec_heads")]
     pub decoder_heads: usize,
+    /// Share of patches masked (X-rays: 0.9; natural images: 0.75).
     #[serde(default = "d_ratio")]
     pub mask_ratio: f64,
+    /// Which patches are masked: `random` (MAE), `center` (weighted towards the image centre), `block` (squares of `block_size` patches), `grid` (a regular pattern).
     #[serde(default = "d_masking")]
     pub masking: MaskingKind,
     /// Width of the centre weighting (`masking: center`), in half-widths of the image.
@@ -67,32 +75,41 @@ pub struct Params {
     /// Side of the masked blocks in patches (`masking: block`).
     #[serde(default = "d_block")]
     pub block_size: usize,
+    /// Normalise each target patch by its own mean and variance (MAE's norm-pix loss).
     #[serde(default = "yes")]
     pub norm_pix_loss: bool,
+    /// Passes over the training images.
     #[serde(default = "d_epochs")]
     pub epochs: usize,
+    /// Images per optimiser step.
     #[serde(default = "d_batch")]
     pub batch: usize,
     /// Base lr per 256 images; the lr used is blr x batch / 256.
     #[serde(default = "d_blr")]
     pub blr: f64,
+    /// The learning rate the cosine schedule ends at.
     #[serde(default)]
     pub min_lr: f64,
+    /// Epochs of linear warmup from 0 to the peak lr (cut to half the epochs if longer).
     #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
+    /// AdamW weight decay (none on biases, norms, position embeddings and tokens).
     #[serde(default = "super::net::defaults::weight_decay")]
     pub weight_decay: f64,
+    /// RandomResizedCrop area range [low, high] as fractions of the image.
     #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
     /// Images are decoded once at `decode_scale` x `img_size` and the random crops drawn from
     /// that store, so a crop is resampled from pixels, not upsampled from a 64 px copy.
     #[serde(default = "super::net::defaults::decode_scale")]
     pub decode_scale: f64,
+    /// Seeds the model's initial weights, the batches, masks and augmentations: the same seed gives the same run.
     #[serde(default)]
     pub seed: u64,
     /// Use at most this many images (evenly spaced), for quick runs.
     #[serde(default)]
     pub max_images: Option<usize>,
+    /// `error`: stop at an image that does not decode, naming its row; `skip`: leave it out and count it.
     #[serde(default)]
     pub on_bad_image: OnBadImage,
     /// Images shown in `reconstructions.png`.
@@ -212,6 +229,10 @@ impl Task for MaeTask {
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
         Some(super::net::images_and_init_inputs())
+    }
+
+    fn lint(p: &Params) -> Vec<String> {
+        super::checks::warmup_lint(p.warmup_epochs, p.epochs)
     }
 
     fn check(p: &Params) -> super::checks::Checked {

@@ -53,13 +53,25 @@ pub trait Task {
     /// whole machine (a stage's `resources.cpu` overrides this).
     const TRAINS: bool = false;
     /// Defaults applied by serde; unknown fields rejected (`#[serde(deny_unknown_fields)]`).
-    type Params: DeserializeOwned + Serialize;
+    /// Doc comments on the fields are the params' documentation (`pretext kinds KIND`, and the
+    /// JSON Schema of `pretext schema`).
+    type Params: DeserializeOwned + Serialize + schemars::JsonSchema;
     /// `None` accepts any slot name (the `command` kind).
     fn inputs(p: &Self::Params) -> Option<Vec<InputSlot>>;
     fn outputs(p: &Self::Params) -> Vec<OutputSlot>;
     /// Refuses values no run could use (a zero batch, an image size the patch does not divide),
     /// at plan time, before any stage starts. Defaults are applied already.
     fn check(_p: &Self::Params) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    /// Values that run but probably not as meant (a warmup as long as the run), said at plan
+    /// time as warnings.
+    fn lint(_p: &Self::Params) -> Vec<String> {
+        Vec::new()
+    }
+    /// Checks the inputs before the run starts any stage (a test split to score, two classes to
+    /// tell apart), so a mistake in the data surfaces before hours of upstream training.
+    fn preflight(_p: &Self::Params, _inputs: &Inputs) -> Result<()> {
         Ok(())
     }
     /// Writes outputs into `ctx.out_dir` and returns the metrics recorded in the manifest.
@@ -78,6 +90,12 @@ pub struct TaskEntry {
     pub inputs: fn(&Value) -> Option<Vec<InputSlot>>,
     pub outputs: fn(&Value) -> Vec<OutputSlot>,
     pub run: fn(&Value, &Inputs, &mut StageCtx) -> Result<Value>,
+    /// The JSON Schema of the params (defaults, types, doc comments).
+    pub schema: fn() -> Value,
+    /// Plan-time warnings about normalized params.
+    pub lint: fn(&Value) -> Vec<String>,
+    /// Checks of the inputs before any stage runs.
+    pub preflight: fn(&Value, &Inputs) -> Result<()>,
 }
 
 pub fn entry<T: Task>() -> TaskEntry {
@@ -101,6 +119,9 @@ pub fn entry<T: Task>() -> TaskEntry {
             let p: T::Params = serde_json::from_value(v.clone())?;
             T::run(&p, inputs, ctx)
         },
+        schema: || serde_json::to_value(schemars::schema_for!(T::Params)).unwrap_or_default(),
+        lint: |v| T::lint(&parse::<T>(v)),
+        preflight: |v, inputs| T::preflight(&parse::<T>(v), inputs),
     }
 }
 

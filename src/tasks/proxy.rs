@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 pub struct Proxy;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyKind {
     Rotation,
@@ -37,49 +37,66 @@ pub enum ProxyKind {
     Contrastive,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
+    /// `rotation`, `jigsaw`, `exemplar` or `contrastive`.
     pub task: ProxyKind,
+    /// The network: `vit_tiny` / `vit_small` / `vit_base`, `vit` (with `vit_dims`), `resnet18` / `resnet34` / `resnet50`, `densenet121`, `densenet` (with `densenet_dims`).
     #[serde(default = "super::net::defaults::model")]
     pub model: String,
+    /// [embed dim, depth, heads] for `model: vit`.
     #[serde(default)]
     pub vit_dims: Option<[usize; 3]>,
+    /// [growth rate, initial features, layers per block...] for `model: densenet`.
     #[serde(default)]
     pub densenet_dims: Option<Vec<usize>>,
+    /// Input side in pixels (square; images are stretched, not cropped, to it).
     #[serde(default = "super::net::defaults::img_size")]
     pub img_size: usize,
+    /// ViT patch side in pixels (must divide `img_size`); for CNN masked-image pretraining, the side of the masked squares.
     #[serde(default = "super::net::defaults::patch")]
     pub patch: usize,
+    /// Passes over the training images.
     #[serde(default = "d_epochs")]
     pub epochs: usize,
     /// Images per batch (rotation puts 4 samples per image in it, contrastive 2).
     #[serde(default = "d_batch")]
     pub batch: usize,
+    /// Base learning rate per 256 images: lr = blr x batch / 256.
     #[serde(default = "d_blr")]
     pub blr: f64,
+    /// Epochs of linear warmup from 0 to the peak lr (cut to half the epochs if longer).
     #[serde(default = "d_warmup")]
     pub warmup_epochs: f64,
+    /// AdamW weight decay (none on biases, norms, position embeddings and tokens).
     #[serde(default = "super::net::defaults::weight_decay")]
     pub weight_decay: f64,
+    /// RandomResizedCrop area range [low, high] as fractions of the image.
     #[serde(default = "super::net::defaults::crop_scale")]
     pub crop_scale: (f64, f64),
     /// Images are decoded once at `decode_scale` x `img_size` and the crops drawn from there.
     #[serde(default = "super::net::defaults::decode_scale")]
     pub decode_scale: f64,
+    /// Jigsaw: how many tile permutations to classify (chosen for maximal Hamming distance).
     #[serde(default = "d_perms")]
     pub jigsaw_perms: usize,
     /// Pixels of random offset inside each jigsaw cell.
     #[serde(default = "d_jitter")]
     pub jigsaw_jitter: usize,
+    /// Contrastive: NT-Xent temperature.
     #[serde(default = "d_temp")]
     pub temperature: f64,
+    /// Contrastive: width of the projection head's output.
     #[serde(default = "d_proj")]
     pub projection_dim: usize,
+    /// Seeds the model's initial weights, the batches, masks and augmentations: the same seed gives the same run.
     #[serde(default)]
     pub seed: u64,
+    /// Use at most this many images, evenly spaced (quick runs).
     #[serde(default)]
     pub max_images: Option<usize>,
+    /// `error`: stop at an image that does not decode, naming its row; `skip`: leave it out and count it.
     #[serde(default)]
     pub on_bad_image: OnBadImage,
 }
@@ -181,6 +198,10 @@ impl Task for Proxy {
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
         Some(super::net::images_and_init_inputs())
+    }
+
+    fn lint(p: &Params) -> Vec<String> {
+        super::checks::warmup_lint(p.warmup_epochs, p.epochs)
     }
 
     fn check(p: &Params) -> super::checks::Checked {

@@ -14,9 +14,10 @@ use std::fmt::Write as _;
 
 pub struct Report;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
+    /// The report's title.
     #[serde(default = "d_title")]
     pub title: String,
 }

@@ -239,3 +239,56 @@ fn values_no_run_could_use_are_refused_before_any_stage_runs() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("--jobs"), "{}", r.stderr);
 }
+
+#[test]
+fn kinds_document_every_param_and_the_shipped_schema_is_current() {
+    let p = Project::new();
+    let all = p.run(&["kinds"]);
+    all.ok();
+    for kind in [
+        "command", "mae", "finetune", "proxy", "evaluate", "gradcam", "report",
+    ] {
+        assert!(
+            all.stdout.contains(&format!("{kind} (version")),
+            "{}",
+            all.stdout
+        );
+    }
+    let ft = p.run(&["kinds", "finetune"]);
+    ft.ok();
+    assert!(
+        ft.stdout.contains("layer_decay")
+            && ft
+                .stdout
+                .contains("0.75 when starting from pretrained weights"),
+        "{}",
+        ft.stdout
+    );
+    let v: serde_json::Value = serde_json::from_str(&p.run(&["kinds", "--json"]).stdout).unwrap();
+    for kind in v.as_array().unwrap() {
+        for (name, param) in kind["params"]["properties"].as_object().unwrap() {
+            assert!(
+                param["description"].as_str().is_some_and(|d| d.len() > 10),
+                "{}: param `{name}` has no documentation",
+                kind["kind"]
+            );
+        }
+    }
+    let bad = p.run(&["kinds", "finetuen"]);
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("no stage kind `finetuen`"),
+        "{}",
+        bad.stderr
+    );
+    let schema = p.run(&["schema"]);
+    schema.ok();
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/pipeline.schema.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        schema.stdout, shipped,
+        "regenerate: pretext schema > docs/pipeline.schema.json"
+    );
+}

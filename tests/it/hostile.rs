@@ -356,3 +356,30 @@ fn an_included_file_that_is_not_yaml_is_quoted_briefly() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.len() < 2_000, "{} bytes of error", r.stderr.len());
 }
+
+#[test]
+fn a_missing_test_split_stops_the_run_before_any_stage_trains() {
+    let p = Project::new();
+    folder(
+        &p,
+        &[
+            ("a.jpg", "x", "train"),
+            ("b.jpg", "y", "train"),
+            ("c.jpg", "x", "train"),
+            ("d.jpg", "y", "train"),
+        ],
+    );
+    p.write(
+        "pipelines/p.yaml",
+        "data:\n  d: { path: data/d }\nstages:\n  first:\n    kind: command\n    run: echo ran > first.txt\n  ft:\n    kind: finetune\n    inputs: { data: data.d }\n    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, epochs: 1, batch: 2, val_fraction: 0.5 }\n  ev:\n    kind: evaluate\n    inputs: { model: ft.model, data: data.d }\n",
+    );
+    let r = p.run(&["run", "pipelines/p.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("stage `ev` (pipelines/p.yaml:11)")
+            && r.stderr.contains("no image is in the Test split"),
+        "{}",
+        r.stderr
+    );
+    assert!(!p.path().join("first.txt").exists(), "nothing ran");
+}
