@@ -61,6 +61,13 @@ pub struct Manifest {
     pub host: String,
     pub device: String,
     pub pretext_version: String,
+    /// The git commit the binary was built from (`-dirty` with local changes; empty in entries
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pretext_commit: String,
+    /// The command line of the run that computed the entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invocation: Vec<String>,
     pub metrics: Value,
 }
 

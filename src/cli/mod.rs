@@ -46,7 +46,7 @@ Exit codes: 0 ok, 1 a stage failed, 2 bad pipeline file or flags.
 Environment: PRETEXT_CACHE sets the cache folder (default: cache/ in the project root).";
 
 #[derive(Parser)]
-#[command(name = "pretext", version, about = ABOUT, after_help = EXAMPLES)]
+#[command(name = "pretext", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PRETEXT_COMMIT"), ")"), about = ABOUT, after_help = EXAMPLES)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -133,6 +133,8 @@ fn run_and_publish(
         host: hostname(),
         device: local.device_for(job),
         pretext_version: env!("CARGO_PKG_VERSION").to_owned(),
+        pretext_commit: env!("PRETEXT_COMMIT").to_owned(),
+        invocation: std::env::args().collect(),
         metrics: metrics.clone(),
     };
     store

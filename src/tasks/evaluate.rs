@@ -11,8 +11,8 @@ use crate::data::decode::OnBadImage;
 use crate::data::loader::Normalize;
 use crate::data::source::Split;
 use crate::train::metrics::{
-    accuracy, bootstrap_ci, cohen_kappa, confusion, macro_f1, roc_auc, roc_auc_per_class,
-    study_level,
+    accuracy, bootstrap_ci, calibration, cohen_kappa, confusion, macro_f1,
+    per_class as per_class_rows, roc_auc, roc_auc_per_class, roc_curve, study_level,
 };
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -57,11 +57,18 @@ impl Task for Evaluate {
     }
 
     fn outputs(_: &Params) -> Vec<OutputSlot> {
-        vec![OutputSlot {
-            name: "predictions",
-            path: "predictions.csv",
-            doc: "per image: path, label, prediction, class probabilities",
-        }]
+        vec![
+            OutputSlot {
+                name: "predictions",
+                path: "predictions.csv",
+                doc: "per image: path (relative to the data folder), label, prediction, class probabilities",
+            },
+            OutputSlot {
+                name: "curves",
+                path: "curves.json",
+                doc: "ROC curve per class ({\"roc\": [[[fpr, tpr], ..], ..]}) and the reliability diagram ({\"calibration\": {\"ece\", \"bins\": [[confidence, accuracy, images], ..]}})",
+            },
+        ]
     }
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
@@ -159,13 +166,32 @@ impl Task for Evaluate {
         } else {
             None
         };
+        let matrix = confusion(&truth, &pred, k);
+        let correct: Vec<bool> = truth.iter().zip(&pred).map(|(t, p)| t == p).collect();
+        let confidence: Vec<f64> = probs.iter().zip(&pred).map(|(r, &c)| r[c]).collect();
+        let calibration = calibration(&confidence, &correct, 10);
+        let roc: Vec<Vec<(f64, f64)>> = (0..k)
+            .map(|c| {
+                let labels: Vec<bool> = truth.iter().map(|&t| t == c).collect();
+                let scores: Vec<f64> = probs.iter().map(|r| r[c]).collect();
+                roc_curve(&labels, &scores)
+            })
+            .collect();
+        std::fs::write(
+            ctx.out_dir.join("curves.json"),
+            serde_json::to_vec(
+                &json!({ "classes": card.classes, "roc": roc, "calibration": calibration }),
+            )?,
+        )?;
         let metrics = json!({
             "test_images": test.len(), "classes": card.classes, "best_epoch": card.best_epoch,
+            "label_fraction": card.label_fraction,
             "accuracy": accuracy(&truth, &pred), "accuracy_ci95": acc_ci,
             "macro_f1": macro_f1(&truth, &pred, k), "macro_f1_ci95": f1_ci,
             "kappa": cohen_kappa(&truth, &pred, k),
             "auc_mean": mean_auc, "auc_mean_ci95": auc_ci, "auc_per_class": per_class,
-            "confusion": confusion(&truth, &pred, k), "study": study,
+            "per_class": per_class_rows(&matrix), "ece": calibration.ece,
+            "confusion": matrix, "study": study,
             "majority_baseline": majority(&truth, k),
         });
         ctx.log(&format!(

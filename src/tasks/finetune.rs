@@ -673,6 +673,7 @@ impl Task for Finetune {
             std,
             store,
             best_epoch: h.best_epoch,
+            label_fraction: p.label_fraction,
             python: Some(python),
         };
         std::fs::write(

@@ -474,10 +474,17 @@ pub struct ModelCard {
     pub store: usize,
     #[serde(default)]
     pub best_epoch: usize,
+    /// The share of the training labels the model was trained on (the label-fraction axis).
+    #[serde(default = "one")]
+    pub label_fraction: f64,
     /// How to build the same network in Python and feed it (docs/python.md); absent in cards
     /// written before 2026-12-07.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub python: Option<PythonHandoff>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The constructor of the reference library whose `state_dict()` the weights match, and the

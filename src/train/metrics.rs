@@ -216,17 +216,126 @@ pub fn wilcoxon_signed_rank(diffs: &[f64]) -> Option<Wilcoxon> {
     })
 }
 
-/// P(Z > z) for a standard normal Z (Abramowitz & Stegun 26.2.17, absolute error below 7.5e-8).
+/// P(Z > z) for a standard normal Z.
 pub fn normal_sf(z: f64) -> f64 {
-    if z < 0.0 {
-        return 1.0 - normal_sf(-z);
+    use statrs::distribution::{ContinuousCDF, Normal};
+    Normal::standard().sf(z)
+}
+
+/// The 95% confidence interval of a mean over a few runs (seeds): mean ± t(0.975, n - 1) x sd /
+/// sqrt(n). `None` for fewer than two values. This is the interval of the seed-to-seed spread,
+/// not of any one run's test-set sampling (that is the bootstrap's).
+pub fn mean_ci95(v: &[f64]) -> Option<(f64, f64, f64)> {
+    use statrs::distribution::{ContinuousCDF, StudentsT};
+    let n = v.len();
+    if n < 2 {
+        return None;
     }
-    let t = 1.0 / (1.0 + 0.231_641_9 * z);
-    let poly = t
-        * (0.319_381_530
-            + t * (-0.356_563_782
-                + t * (1.781_477_937 + t * (-1.821_255_978 + t * 1.330_274_429))));
-    (-z * z / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt() * poly
+    let mean = v.iter().sum::<f64>() / n as f64;
+    let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    let t = StudentsT::new(0.0, 1.0, (n - 1) as f64)
+        .ok()?
+        .inverse_cdf(0.975);
+    let half = t * sd / (n as f64).sqrt();
+    Some((mean, mean - half, mean + half))
+}
+
+/// One class's row of the per-class table, one-vs-rest from the confusion matrix.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassRow {
+    pub support: u64,
+    /// Recall: true positives / images of the class.
+    pub sensitivity: f64,
+    /// True negatives / images of the other classes.
+    pub specificity: f64,
+    /// Precision: true positives / images predicted as the class (`None`: never predicted).
+    pub ppv: Option<f64>,
+    pub f1: f64,
+}
+
+/// Per-class sensitivity, specificity, PPV and F1 from a confusion matrix (rows: truth).
+pub fn per_class(confusion: &[Vec<u64>]) -> Vec<ClassRow> {
+    let total: u64 = confusion.iter().flatten().sum();
+    (0..confusion.len())
+        .map(|c| {
+            let tp = confusion[c][c];
+            let support: u64 = confusion[c].iter().sum();
+            let predicted: u64 = confusion.iter().map(|row| row[c]).sum();
+            let (fp, fn_) = (predicted - tp, support - tp);
+            let tn = total - tp - fp - fn_;
+            let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+            let ppv = (predicted > 0).then(|| ratio(tp, predicted));
+            let sensitivity = ratio(tp, support);
+            let f1 = match ppv {
+                Some(p) if p + sensitivity > 0.0 => 2.0 * p * sensitivity / (p + sensitivity),
+                _ => 0.0,
+            };
+            ClassRow {
+                support,
+                sensitivity,
+                specificity: ratio(tn, tn + fp),
+                ppv,
+                f1,
+            }
+        })
+        .collect()
+}
+
+/// The ROC curve of one class: (false positive rate, true positive rate) at every distinct
+/// score threshold, from (0, 0) to (1, 1). Empty when the class has one label value.
+pub fn roc_curve(labels: &[bool], scores: &[f64]) -> Vec<(f64, f64)> {
+    let pos = labels.iter().filter(|&&l| l).count() as f64;
+    let neg = labels.len() as f64 - pos;
+    if pos == 0.0 || neg == 0.0 {
+        return Vec::new();
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut points = vec![(0.0, 0.0)];
+    for (k, &i) in order.iter().enumerate() {
+        if labels[i] {
+            tp += 1.0;
+        } else {
+            fp += 1.0;
+        }
+        // One point per threshold: ties move together.
+        if order.get(k + 1).is_none_or(|&j| scores[j] != scores[i]) {
+            points.push((fp / neg, tp / pos));
+        }
+    }
+    points
+}
+
+/// A reliability diagram: for equal-width bins of the predicted class's probability, the mean
+/// confidence, the accuracy and the count; and the expected calibration error (the
+/// count-weighted mean gap between the two).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Calibration {
+    pub ece: f64,
+    /// (mean confidence, accuracy, images) per non-empty bin, low to high.
+    pub bins: Vec<(f64, f64, usize)>,
+}
+
+pub fn calibration(confidence: &[f64], correct: &[bool], bins: usize) -> Calibration {
+    let mut acc = vec![(0.0, 0.0, 0usize); bins];
+    for (&c, &ok) in confidence.iter().zip(correct) {
+        let b = ((c * bins as f64) as usize).min(bins - 1);
+        acc[b].0 += c;
+        acc[b].1 += ok as u8 as f64;
+        acc[b].2 += 1;
+    }
+    let n = confidence.len().max(1) as f64;
+    let bins: Vec<(f64, f64, usize)> = acc
+        .into_iter()
+        .filter(|b| b.2 > 0)
+        .map(|(c, a, k)| (c / k as f64, a / k as f64, k))
+        .collect();
+    let ece = bins
+        .iter()
+        .map(|(c, a, k)| (c - a).abs() * *k as f64 / n)
+        .sum();
+    Calibration { ece, bins }
 }
 
 /// Holm's step-down adjustment of p-values for multiple comparisons, in the input order.
@@ -246,6 +355,31 @@ pub fn holm(p: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_class_rows_roc_and_calibration() {
+        // truth 0: 3 images, 2 right; truth 1: 2 images, both predicted 0.
+        let rows = per_class(&[vec![2, 1], vec![2, 0]]);
+        assert_eq!(rows[0].support, 3);
+        assert!((rows[0].sensitivity - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(rows[0].specificity, 0.0);
+        assert_eq!(rows[0].ppv, Some(0.5));
+        assert_eq!(rows[1].ppv, Some(0.0));
+        let roc = roc_curve(&[false, false, true, true], &[0.1, 0.4, 0.35, 0.8]);
+        assert_eq!(
+            roc,
+            vec![(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]
+        );
+        let c = calibration(&[0.9, 0.9, 0.6, 0.6], &[true, false, true, true], 10);
+        assert_eq!(c.bins.len(), 2);
+        assert!((c.ece - (0.5 * 0.4 + 0.5 * 0.4)).abs() < 1e-12, "{}", c.ece);
+        let (m, lo, hi) = mean_ci95(&[0.5, 0.6, 0.7]).unwrap();
+        // t(0.975, 2) = 4.303
+        assert!(
+            (m - 0.6).abs() < 1e-12 && (hi - lo - 2.0 * 4.3027 * 0.1 / 3f64.sqrt()).abs() < 1e-3
+        );
+        assert!(mean_ci95(&[0.5]).is_none());
+    }
 
     #[test]
     fn auc_counts_ties_as_half() {

@@ -452,9 +452,16 @@ fn report_renders_in_headless_chromium() {
     };
     let p = Project::new();
     tiny_data(&p, 3, 2, 8);
-    // The fine-tune chain of TINY_FT, explained and reported.
+    // The fine-tune chain of TINY_FT over two seeds, with a scratch route beside it, explained
+    // and reported.
+    let pipeline = TINY_FT
+        .replace(
+            "epochs: 2, batch: 8, val_fraction: 0.25 }",
+            "epochs: 2, batch: 8, val_fraction: 0.25, seed: \"${seed}\" }",
+        )
+        .replace("data:\n", "matrix:\n  seed: [0, 1]\ndata:\n");
     let pipeline = format!(
-        "{TINY_FT}  cam:\n    kind: gradcam\n    inputs: {{ model: ft.model, data: data.shoulder }}\n  report:\n    kind: report\n    inputs: {{ results: [mae, ft, eval, cam] }}\n"
+        "{pipeline}  scratch:\n    kind: finetune\n    inputs: {{ data: data.shoulder }}\n    params: {{ model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, epochs: 2, batch: 8, val_fraction: 0.25, seed: \"${{seed}}\" }}\n  eval_scratch:\n    kind: evaluate\n    inputs: {{ model: scratch.model, data: data.shoulder }}\n    params: {{ bootstrap: 20 }}\n  cam:\n    kind: gradcam\n    inputs: {{ model: ft.model, data: data.shoulder }}\n    params: {{ overlays: 4, deletion_steps: 2 }}\n  report:\n    kind: report\n    inputs: {{ results: [mae, ft@*, eval@*, eval_scratch@*, cam@*] }}\n"
     );
     p.write("pipelines/r.yaml", &pipeline);
     p.run(&["run", "pipelines/r.yaml"]).ok();
@@ -464,19 +471,63 @@ fn report_renders_in_headless_chromium() {
         .unwrap()
         .unwrap()
         .path();
+    let page = format!("file://{}", dir.join("index.html").display());
+    let browser = |extra: &[&str]| {
+        std::process::Command::new(&chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--window-size=1200,3000",
+            ])
+            .args(extra)
+            .arg(&page)
+            .output()
+            .expect("chromium starts")
+    };
+    // The page as the browser built it: every element a reader looks for is there.
+    let dom = String::from_utf8_lossy(&browser(&["--dump-dom"]).stdout).into_owned();
+    for id in [
+        "results-table",
+        "paired-table",
+        "confusion-1",
+        "per-class-1",
+        "class=\"roc\"",
+        "class=\"reliability\"",
+        "id=\"curves\"",
+        "cam-table",
+        "id=\"gallery\"",
+        "colorbar",
+        "provenance-table",
+    ] {
+        assert!(
+            dom.contains(id),
+            "`{id}` is missing from the rendered report"
+        );
+    }
+    assert!(
+        dom.contains("true positive rate") && dom.contains("epoch"),
+        "axes are labelled"
+    );
+    assert!(
+        dom.contains("predicted") && dom.contains("(p "),
+        "gallery tiles are captioned"
+    );
+    assert!(
+        dom.matches("<img src=\"img/").count() >= 2,
+        "gallery and reconstructions shown"
+    );
+    assert!(
+        dom.contains("../../evaluate/"),
+        "provenance links to the entries' folders"
+    );
     let shot = p.path().join("shot.png");
-    let out = std::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--window-size=1000,900",
-        ])
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!("file://{}", dir.join("index.html").display()))
-        .output()
-        .expect("chromium starts");
+    let out = browser(&[&format!("--screenshot={}", shot.display())]);
     assert!(
         shot.is_file(),
         "no screenshot: {}",

@@ -13,6 +13,13 @@
 //! the share of the map's energy inside the box; the random-weights maps give the chance level.
 //! Per box in `boxes.csv` (written only with a `boxes` input), summarised in the metrics.
 
+mod gallery;
+
+/// CSS colours of the maps' colour map from 0 to 1 (for a report's colour bar).
+pub fn colour_stops(stops: usize) -> Vec<String> {
+    gallery::css_stops(stops)
+}
+
 use super::fit::{ImageSet, SetSpec};
 use super::net::{ModelCard, Net};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -25,6 +32,7 @@ use crate::nn::gradcam::{grad_cam, CamMethod};
 use crate::nn::tap::Taps;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use gallery::{Gallery, Tile};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::hash_map::Entry;
@@ -384,12 +392,8 @@ fn summary(stats: &[MapStats]) -> Value {
 }
 
 /// The jet colormap (as matplotlib / OpenCV), for overlays.
-fn jet(v: f32) -> [f32; 3] {
-    let v = v.clamp(0.0, 1.0);
-    let f = |x: f32| (1.5 - (4.0 * v - x).abs()).clamp(0.0, 1.0);
-    [f(3.0), f(2.0), f(1.0)]
-}
 
+/// Maps of `x` for `targets`, and per image the predicted class with its probability.
 fn maps_for(
     net: &Net,
     layer: &str,
@@ -397,18 +401,24 @@ fn maps_for(
     targets: &[Vec<usize>],
     size: usize,
     method: CamMethod,
-) -> Result<(Vec<Vec<f32>>, Vec<usize>)> {
+) -> Result<(Vec<Vec<f32>>, Vec<(usize, f64)>)> {
     let mut predicted = Vec::new();
     let cam = grad_cam(
         |taps| {
             let logits = net
                 .logits(x, None, taps)
                 .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
-            predicted = logits
-                .argmax(1)?
-                .to_vec1::<u32>()?
-                .into_iter()
-                .map(|v| v as usize)
+            let probs: Vec<Vec<f32>> =
+                candle_nn::ops::softmax(&logits.detach(), candle_core::D::Minus1)?.to_vec2()?;
+            predicted = probs
+                .iter()
+                .map(|r| {
+                    let (c, p) =
+                        r.iter()
+                            .enumerate()
+                            .fold((0, f32::MIN), |b, (c, &p)| if p > b.1 { (c, p) } else { b });
+                    (c, p as f64)
+                })
                 .collect();
             Ok(logits)
         },
@@ -423,7 +433,7 @@ fn maps_for(
 
 impl Task for GradCamTask {
     const KIND: &'static str = "gradcam";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str = "Grad-CAM maps of test images, overlays, and where-does-it-look statistics against a random-weights baseline";
     type Params = Params;
 
@@ -447,7 +457,12 @@ impl Task for GradCamTask {
             OutputSlot {
                 name: "overlays",
                 path: "overlays.png",
-                doc: "image | Grad-CAM overlay, one row per image",
+                doc: "image | Grad-CAM overlay, one row per gallery image",
+            },
+            OutputSlot {
+                name: "gallery",
+                path: "gallery.csv",
+                doc: "the gallery's images (gallery/NNN.png): path, label, prediction, probability, correct; chosen per true class and per right / wrong prediction",
             },
             OutputSlot {
                 name: "maps",
@@ -478,7 +493,8 @@ impl Task for GradCamTask {
             mean: card.mean,
             std: card.std,
         };
-        let (mut stats, mut base_stats, mut shown) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut stats, mut base_stats) = (Vec::new(), Vec::new());
+        let mut gallery = Gallery::new(p.overlays, card.classes.len());
         let (mut faith, mut base_faith) = (Vec::new(), Vec::new());
         let iou_threshold = p.iou_threshold()?;
         let (boxes, unmatched) = match inputs.optional_path("boxes") {
@@ -511,7 +527,7 @@ impl Task for GradCamTask {
                 .with_context(|| format!("Grad-CAM at layer `{layer}`"))?;
             let targets = match p.target {
                 Target::Label => labels.clone(),
-                Target::Prediction => predicted.clone(),
+                Target::Prediction => predicted.iter().map(|&(c, _)| c).collect(),
             };
             let maps = if p.target == Target::Label {
                 first
@@ -573,7 +589,7 @@ impl Task for GradCamTask {
                     csv,
                     "\"{path}\",{},{},{},{:.5},{:.5},{:.5},{},{},{},{},{},{},{}",
                     cls(labels[j]),
-                    cls(predicted[j]),
+                    cls(predicted[j].0),
                     cls(targets[j]),
                     s.center_energy,
                     s.com_distance,
@@ -615,8 +631,15 @@ impl Task for GradCamTask {
                 base_stats.extend(b);
                 faith.extend(f_model[j]);
                 base_faith.extend(f_base[j]);
-                if shown.len() < p.overlays {
-                    shown.push((i, maps[j].clone()));
+                let (guess, probability) = predicted[j];
+                if gallery.wants(labels[j], labels[j] == guess) {
+                    gallery.offer(Tile {
+                        pos: i,
+                        label: labels[j],
+                        predicted: guess,
+                        probability,
+                        map: maps[j].clone(),
+                    });
                 }
             }
             ctx.report(
@@ -629,7 +652,7 @@ impl Task for GradCamTask {
         if boxes.is_some() {
             std::fs::write(ctx.out_dir.join("boxes.csv"), box_csv)?;
         }
-        write_overlays(&set, &shown, size, &ctx.out_dir.join("overlays.png"))?;
+        gallery.write(&set, &card.classes, size, &ctx.out_dir)?;
         Ok(json!({
             "layer": layer, "method": p.method, "target": p.target, "images": stats.len(), "center_fraction": p.center_fraction,
             "model": summary(&stats), "random_baseline": if base_stats.is_empty() { Value::Null } else { summary(&base_stats) },
@@ -647,34 +670,6 @@ impl Task for GradCamTask {
             },
         }))
     }
-}
-
-fn write_overlays(
-    set: &ImageSet,
-    shown: &[(usize, Vec<f32>)],
-    size: usize,
-    path: &std::path::Path,
-) -> Result<()> {
-    let scale = (128 / size).max(1) as u32;
-    let s = size as u32 * scale;
-    let mut png = image::RgbImage::new(2 * s, s * shown.len().max(1) as u32);
-    for (row, (i, map)) in shown.iter().enumerate() {
-        let img = loader::resized(&set.decoded, *i, size).px;
-        for y in 0..s {
-            for x in 0..s {
-                let k = (y / scale) as usize * size + (x / scale) as usize;
-                let g = img[k];
-                let c = jet(map[k]);
-                let grey = [g, g, g].map(|v| (v * 255.0) as u8);
-                let over =
-                    [0, 1, 2].map(|ch| ((0.55 * g + 0.45 * c[ch]).clamp(0.0, 1.0) * 255.0) as u8);
-                png.put_pixel(x, row as u32 * s + y, image::Rgb(grey));
-                png.put_pixel(s + x, row as u32 * s + y, image::Rgb(over));
-            }
-        }
-    }
-    png.save(path)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
