@@ -36,13 +36,20 @@ pub struct FingerprintStats {
     pub bytes_hashed: u64,
 }
 
-/// Fingerprints `path` (a folder or a single file). `state_dir` holds the stat cache.
+/// Fingerprints `path` (a folder or a single file). `state_dir` holds the stat cache; the cache
+/// it belongs to (its parent folder) is left out of the walk, so an input that contains the cache
+/// (`file:.`) does not change each time a stage is published.
 pub fn fingerprint(path: &Path, state_dir: &Path) -> io::Result<(Fingerprint, FingerprintStats)> {
     let meta = fs::metadata(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let mut files = Vec::new();
     if meta.is_dir() {
-        walk(path, "", &[(meta.dev(), meta.ino())], &mut files)?;
+        let cache = state_dir
+            .parent()
+            .and_then(|c| fs::metadata(c).ok())
+            .map(|m| (m.dev(), m.ino()));
+        let walker = Walker { skip: cache };
+        walker.walk(path, "", &[(meta.dev(), meta.ino())], &mut files)?;
     } else {
         files.push(FileEntry {
             rel: String::new(),
@@ -103,68 +110,87 @@ fn stamp(meta: &fs::Metadata) -> Stamp {
     }
 }
 
-/// Files under `dir`, following symlinks; `ancestors` are the (device, inode) of the folders
-/// above, so a symlink back up the tree is an error instead of an endless walk.
-fn walk(
-    dir: &Path,
-    prefix: &str,
-    ancestors: &[(u64, u64)],
-    out: &mut Vec<FileEntry>,
-) -> io::Result<()> {
-    let mut subdirs = Vec::new();
-    for entry in fs::read_dir(dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
-    {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let rel = if prefix.is_empty() {
-            name
-        } else {
-            format!("{prefix}/{}", name)
-        };
-        let mut file_type = entry.file_type()?;
-        let abs = entry.path();
-        let meta = if file_type.is_symlink() {
-            let m = fs::metadata(&abs)?;
-            file_type = m.file_type();
-            m
-        } else {
-            entry.metadata()?
-        };
-        if file_type.is_dir() {
-            let id = (meta.dev(), meta.ino());
-            if ancestors.contains(&id) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{}: a symlink loop (it leads back to a folder above it)",
-                        abs.display()
-                    ),
-                ));
+/// What a fingerprint walk leaves out: the folder with this (device, inode), the cache.
+struct Walker {
+    skip: Option<(u64, u64)>,
+}
+
+impl Walker {
+    /// Files under `dir`, following symlinks; `ancestors` are the (device, inode) of the folders
+    /// above, so a symlink back up the tree is an error instead of an endless walk.
+    fn walk(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        ancestors: &[(u64, u64)],
+        out: &mut Vec<FileEntry>,
+    ) -> io::Result<()> {
+        let mut subdirs = Vec::new();
+        for entry in fs::read_dir(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
+        {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let rel = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{}", name)
+            };
+            let mut file_type = entry.file_type()?;
+            let abs = entry.path();
+            let meta = if file_type.is_symlink() {
+                let m = fs::metadata(&abs).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{}: a symlink whose target cannot be read: {e}",
+                            abs.display()
+                        ),
+                    )
+                })?;
+                file_type = m.file_type();
+                m
+            } else {
+                entry.metadata()?
+            };
+            if file_type.is_dir() {
+                let id = (meta.dev(), meta.ino());
+                if Some(id) == self.skip {
+                    continue;
+                }
+                if ancestors.contains(&id) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: a symlink loop (it leads back to a folder above it)",
+                            abs.display()
+                        ),
+                    ));
+                }
+                subdirs.push((abs, rel, id));
+            } else if file_type.is_file() {
+                out.push(FileEntry {
+                    rel,
+                    abs,
+                    stamp: stamp(&meta),
+                });
             }
-            subdirs.push((abs, rel, id));
-        } else if file_type.is_file() {
-            out.push(FileEntry {
-                rel,
-                abs,
-                stamp: stamp(&meta),
-            });
         }
+        // Sub-folders in parallel: a 100k-file tree is mostly stat calls.
+        let nested: Vec<io::Result<Vec<FileEntry>>> = subdirs
+            .par_iter()
+            .map(|(abs, rel, id)| {
+                let mut v = Vec::new();
+                let mut chain = ancestors.to_vec();
+                chain.push(*id);
+                self.walk(abs, rel, &chain, &mut v).map(|_| v)
+            })
+            .collect();
+        for n in nested {
+            out.extend(n?);
+        }
+        Ok(())
     }
-    // Sub-folders in parallel: a 100k-file tree is mostly stat calls.
-    let nested: Vec<io::Result<Vec<FileEntry>>> = subdirs
-        .par_iter()
-        .map(|(abs, rel, id)| {
-            let mut v = Vec::new();
-            let mut chain = ancestors.to_vec();
-            chain.push(*id);
-            walk(abs, rel, &chain, &mut v).map(|_| v)
-        })
-        .collect();
-    for n in nested {
-        out.extend(n?);
-    }
-    Ok(())
 }
 
 /// blake3 of a file's content; large files are memory-mapped and hashed on all cores.

@@ -339,8 +339,31 @@ impl Store {
     /// Hashes the outputs, writes the manifest, syncs, and renames the staging folder into place.
     /// Replaces an existing entry of the same key (a `--force` rerun).
     pub fn publish(&self, staging: Staging, mut manifest: Manifest) -> io::Result<Entry> {
-        remove_any(&staging.checkpoint_dir)?;
-        let files = hash_tree(&staging.dir)?;
+        // The checkpoint is set aside, not deleted, until the entry is in place: a publish that
+        // fails (a full disk, a read-only folder) leaves the next attempt its checkpoint.
+        let aside = self.root.join("tmp").join(format!(
+            "{}.checkpoint-{}",
+            staging.key.hex(),
+            std::process::id()
+        ));
+        with_path(
+            fs::rename(&staging.checkpoint_dir, &aside),
+            &staging.checkpoint_dir,
+        )?;
+        match self.publish_outputs(&staging, &mut manifest) {
+            Ok(entry) => {
+                let _ = remove_any(&aside);
+                Ok(entry)
+            }
+            Err(e) => {
+                let _ = fs::rename(&aside, &staging.checkpoint_dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn publish_outputs(&self, staging: &Staging, manifest: &mut Manifest) -> io::Result<Entry> {
+        let files = with_path(hash_tree(&staging.dir), &staging.dir)?;
         manifest.outputs = files
             .iter()
             .filter(|(name, _)| *name != MANIFEST)
@@ -352,12 +375,17 @@ impl Store {
             .map(|(name, (_, size))| (name, size))
             .collect();
         let bytes = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?;
-        let mut file = File::create(staging.dir.join(MANIFEST))?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        sync_tree(&staging.dir)?;
+        let manifest_path = staging.dir.join(MANIFEST);
+        let write = |path: &Path| -> io::Result<()> {
+            let mut file = File::create(path)?;
+            file.write_all(&bytes)?;
+            file.sync_all()
+        };
+        with_path(write(&manifest_path), &manifest_path)?;
+        with_path(sync_tree(&staging.dir), &staging.dir)?;
         let target = self.entry_dir(&staging.kind, &staging.key);
-        fs::create_dir_all(target.parent().expect("entry has a kind folder"))?;
+        let kind_dir = target.parent().expect("entry has a kind folder");
+        with_path(fs::create_dir_all(kind_dir), kind_dir)?;
         if fs::symlink_metadata(&target).is_ok() {
             self.remove(&Entry {
                 dir: target.clone(),
@@ -365,11 +393,11 @@ impl Store {
                 key: staging.key,
             })?;
         }
-        fs::rename(&staging.dir, &target)?;
-        File::open(target.parent().expect("kind folder"))?.sync_all()?;
+        with_path(fs::rename(&staging.dir, &target), &target)?;
+        with_path(File::open(kind_dir).and_then(|f| f.sync_all()), kind_dir)?;
         Ok(Entry {
             dir: target,
-            kind: staging.kind,
+            kind: staging.kind.clone(),
             key: staging.key,
         })
     }
@@ -504,6 +532,18 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
         }
     }
     File::open(dir)?.sync_all()
+}
+
+/// The error with the path it is about (`std::io` errors name none), said once.
+fn with_path<T>(r: io::Result<T>, path: &Path) -> io::Result<T> {
+    r.map_err(|e| {
+        let text = e.to_string();
+        if text.contains(&path.display().to_string()) {
+            e
+        } else {
+            io::Error::new(e.kind(), format!("{}: {text}", path.display()))
+        }
+    })
 }
 
 fn remove_any(path: &Path) -> io::Result<()> {

@@ -649,7 +649,7 @@ impl<'a> Expander<'a> {
                     "`run` is given twice, as a field and as a param",
                 ));
             }
-            let run = vars::interpolate_str(run, scope)
+            let run = vars::interpolate_shell(run, scope)
                 .map_err(|name| self.unknown_var(template, &["run"], &name, scope))?;
             out.insert("run".into(), run);
         }

@@ -63,6 +63,39 @@ pub fn interpolate_str(s: &str, scope: &BTreeMap<String, Value>) -> Result<Value
     Ok(Value::String(out))
 }
 
+/// `${name}` in a command stage's `run:` text: each value goes in as one shell word, quoted when
+/// it holds anything but letters, digits and `_ . / : = @ % + , -`, so a var whose value is
+/// `x; rm -rf ~` or has spaces cannot splice shell syntax into the command. A `run:` that is
+/// one var alone is the whole command and goes in as written.
+pub fn interpolate_shell(s: &str, scope: &BTreeMap<String, Value>) -> Result<Value, String> {
+    let parts = pieces(s);
+    if let [Piece::Var(_)] = parts.as_slice() {
+        return interpolate_str(s, scope);
+    }
+    let mut out = String::with_capacity(s.len());
+    for part in parts {
+        match part {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Var(name) => match scope.get(name) {
+                Some(Value::String(v)) => out.push_str(&shell_word(v)),
+                Some(v) => out.push_str(&shell_word(&v.to_string())),
+                None => return Err(name.to_owned()),
+            },
+        }
+    }
+    Ok(Value::String(out))
+}
+
+/// `v` as one POSIX shell word.
+fn shell_word(v: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_./:=@%+,-".contains(c);
+    if !v.is_empty() && v.chars().all(safe) {
+        v.to_owned()
+    } else {
+        format!("'{}'", v.replace('\'', "'\\''"))
+    }
+}
+
 #[derive(Debug, PartialEq)]
 enum Piece<'a> {
     Text(&'a str),
@@ -99,6 +132,30 @@ fn pieces(s: &str) -> Vec<Piece<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vars_in_a_command_are_single_shell_words() {
+        let scope: BTreeMap<String, Value> = [
+            ("name".to_owned(), Value::from("x; rm -rf ~")),
+            ("n".to_owned(), Value::from(3)),
+            ("q".to_owned(), Value::from("it's")),
+            ("cmd".to_owned(), Value::from("echo hi")),
+        ]
+        .into_iter()
+        .collect();
+        let run = |t: &str| interpolate_shell(t, &scope).unwrap();
+        assert_eq!(
+            run("echo ${name} ${n}"),
+            Value::from("echo 'x; rm -rf ~' 3")
+        );
+        assert_eq!(run("echo ${q}"), Value::from("echo 'it'\\''s'"));
+        assert_eq!(
+            run("${cmd}"),
+            Value::from("echo hi"),
+            "a whole command stays one"
+        );
+        assert_eq!(run("train.py --lr=${n}"), Value::from("train.py --lr=3"));
+    }
     use serde_json::json;
 
     fn scope() -> BTreeMap<String, Value> {

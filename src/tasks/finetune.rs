@@ -5,8 +5,8 @@
 //! best on a validation split carved from train (grouped, stratified, seeded): never the test split.
 
 use super::fit::{
-    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, store_size,
-    EpochLoss, ImageSet, OptimSpec, SetSpec, TrainingPlan,
+    batch_tensors, finite, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet,
+    OptimSpec, SetSpec, TrainingPlan,
 };
 use super::net::{ModelCard, Net, NetDesc, Preprocess};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -564,14 +564,13 @@ impl Task for Finetune {
             ctx.log(&line);
         }
         let sched = schedule(peak_lr, p.min_lr, p.warmup_epochs, p.epochs);
-        let (start, mut h) =
-            match load_checkpoint::<History>(&ctx.checkpoint_dir, &net.params, &mut opt)? {
-                Some((done, h)) => {
-                    ctx.log(&format!("resuming after epoch {done}"));
-                    (done, h)
-                }
-                None => (0, History::default()),
-            };
+        let (start, mut h) = match super::fit::resume::<History>(ctx, &net.params, &mut opt)? {
+            Some((done, h)) => {
+                ctx.log(&format!("resuming after epoch {done}"));
+                (done, h)
+            }
+            None => (0, History::default()),
+        };
         let aug = TrainAug {
             crop_scale: p.crop_scale,
             center_bias: p.center_bias,
@@ -619,7 +618,7 @@ impl Task for Finetune {
                     p.label_smoothing,
                     class_weights.as_deref(),
                 )?;
-                let value = finite(scalar(&loss)?, epoch, step)?;
+                let value = finite(scalar(&loss)?, epoch, step, &b.x, &net.params)?;
                 let mut grads = loss.backward()?;
                 if let Some(max) = p.clip_grad {
                     clip_grad_norm(&mut grads, opt.vars().iter(), max)?;

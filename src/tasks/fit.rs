@@ -407,6 +407,30 @@ pub fn save_checkpoint<S: Serialize>(
     Ok(())
 }
 
+/// Restores the stage's last checkpoint, if any: (epochs done, loop state). A checkpoint that
+/// cannot be read (cut short by a full disk, damaged) is not retried forever: it is removed with
+/// a warning and the stage starts over, from untouched weights ([`load_checkpoint`] checks the
+/// whole checkpoint before it sets anything).
+pub fn resume<S: DeserializeOwned>(
+    ctx: &StageCtx,
+    params: &ParamStore,
+    opt: &mut Optim,
+) -> Result<Option<(usize, S)>> {
+    match load_checkpoint(&ctx.checkpoint_dir, params, opt) {
+        Ok(found) => Ok(found),
+        Err(e) => {
+            ctx.log(&format!(
+                "warning: the checkpoint in {} is unreadable ({e:#}); starting this stage over",
+                ctx.checkpoint_dir.display()
+            ));
+            for entry in std::fs::read_dir(&ctx.checkpoint_dir)?.flatten() {
+                std::fs::remove_file(entry.path())?;
+            }
+            Ok(None)
+        }
+    }
+}
+
 /// Restores the last checkpoint, if any: (epochs done, loop state).
 pub fn load_checkpoint<S: DeserializeOwned>(
     dir: &Path,
@@ -426,25 +450,28 @@ pub fn load_checkpoint<S: DeserializeOwned>(
     );
     let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
         .with_context(|| format!("reading {}", file.display()))?;
+    let state: S = serde_json::from_value(meta["state"].clone())
+        .with_context(|| format!("{}: the loop state does not parse", meta_path.display()))?;
     let params_only: HashMap<String, Tensor> = tensors
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_owned(), v.clone())))
         .collect();
-    let report = params.load_tensors(&params_only, |_| false)?;
-    if !report.is_clean() {
-        bail!(
-            "checkpoint {} does not fit this model: {}",
-            file.display(),
-            report.describe()
-        );
+    // Everything is checked before anything is set: a failed resume leaves the model as built.
+    for (name, var) in params.named() {
+        if params_only.get(&name).map(|t| t.dims()) != Some(var.dims()) {
+            bail!(
+                "checkpoint {} does not fit this model at `{name}`",
+                file.display()
+            );
+        }
     }
+    params.load_tensors(&params_only, |_| false)?;
     for (name, step) in meta["steps"].as_object().into_iter().flatten() {
         let state: Vec<Tensor> = (0..)
             .map_while(|k| tensors.get(&format!("opt{k}.{name}")).cloned())
             .collect();
         opt.restore(name, state, step.as_u64().unwrap_or(0));
     }
-    let state: S = serde_json::from_value(meta["state"].clone())?;
     Ok(Some((meta["epoch"].as_u64().unwrap_or(0) as usize, state)))
 }
 
@@ -512,12 +539,39 @@ pub fn check_cancelled(ctx: &StageCtx, epoch: usize) -> Result<()> {
     Ok(())
 }
 
-/// Stops training on a non-finite loss, naming where, instead of writing a NaN model.
-pub fn finite(loss: f64, epoch: usize, step: usize) -> Result<f64> {
-    if !loss.is_finite() {
-        bail!("loss became {loss} at epoch {epoch}, step {step}: lower the learning rate (`blr`) or enable `clip_grad`");
+/// Stops training on a non-finite loss, naming where and the likely cause: pixels that are not
+/// numbers, weights that are not (an `init` checkpoint holding NaN), or else the step size.
+pub fn finite(
+    loss: f64,
+    epoch: usize,
+    step: usize,
+    batch: &[f32],
+    params: &ParamStore,
+) -> Result<f64> {
+    if loss.is_finite() {
+        return Ok(loss);
     }
-    Ok(loss)
+    let at = format!("the loss became {loss} at epoch {}, step {step}", epoch + 1);
+    if batch.iter().any(|v| !v.is_finite()) {
+        bail!("{at}: the batch holds pixels that are not numbers (an image with no contrast normalised by a standard deviation of 0?)");
+    }
+    let bad: Vec<String> = params
+        .named()
+        .into_iter()
+        .filter(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F32))
+                .and_then(|t| t.to_vec1::<f32>())
+                .is_ok_and(|v| v.iter().any(|x| !x.is_finite()))
+        })
+        .map(|(n, _)| n)
+        .take(5)
+        .collect();
+    if !bad.is_empty() {
+        bail!("{at}: weights are not finite ({}); if this stage starts from an `init` checkpoint, check it", bad.join(", "));
+    }
+    bail!("{at}: lower the learning rate (`lr`, `blr`) or set `clip_grad`")
 }
 
 #[cfg(test)]

@@ -4,8 +4,7 @@
 //! upstream encoder (chest MAE -> shoulder MAE).
 
 use super::fit::{
-    finite, load_checkpoint, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet,
-    OptimSpec, SetSpec,
+    finite, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet, OptimSpec, SetSpec,
 };
 use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -370,6 +369,7 @@ fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
     let mae = Mae::new(&cfg, params.var_builder(&dev))?;
     if let Some(init) = inputs.optional_path("init") {
         let tensors = super::net::read_tensors(init)?;
+        super::net::refuse_non_finite(&tensors, init)?;
         let report = params.load_tensors(&tensors, |k| {
             k == "pos_embed" || k.starts_with("head.") || k.starts_with("fc_norm.")
         })?;
@@ -552,14 +552,13 @@ fn train_loop(
         p.warmup_epochs,
         p.epochs,
     );
-    let (start, mut history) =
-        match load_checkpoint::<History>(&ctx.checkpoint_dir, params, &mut opt)? {
-            Some((done, h)) => {
-                ctx.log(&format!("resuming after epoch {done} from the checkpoint"));
-                (done, h)
-            }
-            None => (0, History::default()),
-        };
+    let (start, mut history) = match super::fit::resume::<History>(ctx, params, &mut opt)? {
+        Some((done, h)) => {
+            ctx.log(&format!("resuming after epoch {done} from the checkpoint"));
+            (done, h)
+        }
+        None => (0, History::default()),
+    };
     let steps = train.len().div_ceil(p.batch);
     for epoch in start..p.epochs {
         let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
@@ -568,7 +567,7 @@ fn train_loop(
             super::fit::check_cancelled(ctx, epoch)?;
             let x = Tensor::from_slice(&b.x, (b.n, 1, p.img_size, p.img_size), dev)?;
             let loss = loss_of(&x, epoch, step, &mut rng)?;
-            let value = finite(scalar(&loss)?, epoch, step)?;
+            let value = finite(scalar(&loss)?, epoch, step, &b.x, params)?;
             let grads = loss.backward()?;
             opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
             epoch_loss.add(ctx, step, value, b.n);

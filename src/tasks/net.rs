@@ -368,6 +368,7 @@ impl Net {
     pub fn load_init(&self, path: &Path) -> Result<String> {
         let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("reading weights {}", path.display()))?;
+        refuse_non_finite(&tensors, path)?;
         for (name, var) in self.params.named() {
             let Some(t) = tensors.get(&name).cloned() else {
                 continue;
@@ -418,6 +419,33 @@ impl Net {
         }
         Ok(report.describe())
     }
+}
+
+/// Weights that hold NaN or infinity would train into a NaN loss several stages later; say so at
+/// the load, with the tensors' names.
+pub fn refuse_non_finite(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mut bad: Vec<&String> = tensors
+        .iter()
+        .filter(|(_, t)| {
+            t.to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .is_ok_and(|v| v.iter().any(|x| !x.is_finite()))
+        })
+        .map(|(n, _)| n)
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    bad.sort();
+    bail!(
+        "weights {} hold values that are not finite (NaN or infinity) in {}",
+        path.display(),
+        bad.iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// Bilinear resize of the patch-grid part of a [1, prefix + g*g, D] position embedding to

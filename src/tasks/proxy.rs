@@ -8,8 +8,8 @@
 //! - `contrastive`: SimCLR, two augmented views per image, NT-Xent loss with a temperature.
 
 use super::fit::{
-    batch_tensors, finite, load_checkpoint, save_checkpoint, scalar, schedule, store_size,
-    EpochLoss, ImageSet, OptimSpec, SetSpec,
+    batch_tensors, finite, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet,
+    OptimSpec, SetSpec,
 };
 use super::net::{Net, NetDesc};
 use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
@@ -283,8 +283,7 @@ impl Task for Proxy {
         );
         let sched = schedule(scaled_lr(p.blr, p.batch), 1e-6, p.warmup_epochs, p.epochs);
         let (start, mut h) =
-            load_checkpoint::<History>(&ctx.checkpoint_dir, &net.params, &mut opt)?
-                .unwrap_or_default();
+            super::fit::resume::<History>(ctx, &net.params, &mut opt)?.unwrap_or_default();
         let strong = TrainAug {
             crop_scale: if p.task == ProxyKind::Rotation || p.task == ProxyKind::Jigsaw {
                 p.crop_scale
@@ -371,7 +370,7 @@ impl Task for Proxy {
                         cross_entropy(&logits, &y, 0.0)?
                     }
                 };
-                let value = finite(scalar(&loss)?, epoch, step)?;
+                let value = finite(scalar(&loss)?, epoch, step, &b.x, &net.params)?;
                 let grads = loss.backward()?;
                 opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
                 epoch_loss.add(ctx, step, value, b.n);

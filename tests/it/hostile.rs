@@ -383,3 +383,164 @@ fn a_missing_test_split_stops_the_run_before_any_stage_trains() {
     );
     assert!(!p.path().join("first.txt").exists(), "nothing ran");
 }
+
+#[test]
+fn an_input_that_contains_the_cache_is_still_a_hit() {
+    let p = Project::new();
+    p.write("src/a.txt", "a");
+    p.write(
+        "pipelines/p.yaml",
+        "stages:\n  s:\n    kind: command\n    run: ls \"$PRETEXT_IN_TREE\" > \"$PRETEXT_OUT/ls.txt\"\n    inputs: { tree: \"file:.\" }\n",
+    );
+    p.run(&["run", "pipelines/p.yaml"]).ok();
+    assert_eq!(
+        p.status("pipelines/p.yaml")[0].1,
+        "cached",
+        "publishing into cache/ does not change the project's fingerprint"
+    );
+}
+
+#[test]
+fn vars_in_run_are_single_shell_words() {
+    let p = Project::new();
+    p.write(
+        "pipelines/p.yaml",
+        "vars:\n  msg: \"a; touch pwned\"\nstages:\n  s:\n    kind: command\n    run: echo ${msg} > \"$PRETEXT_OUT/m.txt\"\n",
+    );
+    p.run(&["run", "pipelines/p.yaml"]).ok();
+    assert!(
+        !p.path().join("pwned").exists(),
+        "the var's text ran as a command"
+    );
+    let entry = std::fs::read_dir(p.path().join("cache/command"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        std::fs::read_to_string(entry.join("out/m.txt")).unwrap(),
+        "a; touch pwned\n"
+    );
+}
+
+#[test]
+fn a_failed_publish_keeps_the_checkpoint_and_names_the_file() {
+    let p = Project::new();
+    // The command leaves a symlink among its outputs, which pretext refuses to publish.
+    p.write(
+        "pipelines/p.yaml",
+        "stages:\n  s:\n    kind: command\n    run: echo work > \"$PRETEXT_CHECKPOINT/state\"; ln -s /etc/hostname \"$PRETEXT_OUT/link\"\n",
+    );
+    let r = p.run(&["run", "pipelines/p.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("link") && r.stderr.contains("not a regular file"),
+        "{}",
+        r.stderr
+    );
+    let key = &p.status("pipelines/p.yaml")[0].2;
+    let state = p
+        .path()
+        .join("cache/tmp")
+        .join(key)
+        .join("checkpoint/state");
+    assert_eq!(
+        std::fs::read_to_string(state).unwrap(),
+        "work\n",
+        "the checkpoint survived"
+    );
+}
+
+#[test]
+fn an_unreadable_checkpoint_restarts_the_stage_instead_of_failing_forever() {
+    let p = Project::new();
+    folder(
+        &p,
+        &[
+            ("a.jpg", "x", "train"),
+            ("b.jpg", "y", "train"),
+            ("c.jpg", "x", "train"),
+            ("d.jpg", "y", "train"),
+            ("e.jpg", "x", "test"),
+        ],
+    );
+    p.write(
+        "pipelines/p.yaml",
+        "data:\n  d: { path: data/d }\nstages:\n  ft:\n    kind: finetune\n    inputs: { data: data.d }\n    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, epochs: 1, warmup_epochs: 0, batch: 2, val_fraction: 0.5 }\n",
+    );
+    let key = &p.status("pipelines/p.yaml")[0].2;
+    p.write(
+        &format!("cache/tmp/{key}/checkpoint/checkpoint.json"),
+        "{ \"epoch\": 1, \"tens",
+    );
+    let r = p.run(&["run", "pipelines/p.yaml", "-v"]);
+    r.ok();
+    assert!(
+        r.stderr.contains("checkpoint") && r.stderr.contains("unreadable"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn weights_that_are_not_numbers_are_named_at_the_load() {
+    let p = Project::new();
+    folder(
+        &p,
+        &[
+            ("a.jpg", "x", "train"),
+            ("b.jpg", "y", "train"),
+            ("c.jpg", "x", "train"),
+            ("d.jpg", "y", "train"),
+            ("e.jpg", "x", "test"),
+        ],
+    );
+    let ft = "    kind: finetune\n    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, epochs: 1, warmup_epochs: 0, batch: 2, val_fraction: 0.5 }\n";
+    p.write(
+        "pipelines/a.yaml",
+        &format!(
+            "data:\n  d: {{ path: data/d }}\nstages:\n  ft:\n    inputs: {{ data: data.d }}\n{ft}"
+        ),
+    );
+    p.run(&["run", "pipelines/a.yaml"]).ok();
+    let entry = std::fs::read_dir(p.path().join("cache/finetune"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(entry.join("encoder.safetensors")).unwrap();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(p.path().join("nan.safetensors"), bytes).unwrap();
+    p.write(
+        "pipelines/b.yaml",
+        &format!("data:\n  d: {{ path: data/d }}\nstages:\n  ft2:\n    inputs: {{ data: data.d, init: \"file:nan.safetensors\" }}\n{ft}"),
+    );
+    let r = p.run(&["run", "pipelines/b.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("nan.safetensors") && r.stderr.contains("not finite"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_dangling_symlink_in_a_data_folder_is_named() {
+    let p = Project::new();
+    folder(&p, &[("a.jpg", "x", "train"), ("b.jpg", "y", "test")]);
+    std::os::unix::fs::symlink("/nowhere/x.jpg", p.path().join("data/d/gone.jpg")).unwrap();
+    p.write(
+        "pipelines/p.yaml",
+        "data:\n  d: { path: data/d }\nstages:\n  s:\n    kind: command\n    run: 'true'\n    inputs: { d: data.d }\n",
+    );
+    let r = p.run(&["run", "pipelines/p.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("gone.jpg") && r.stderr.contains("symlink"),
+        "{}",
+        r.stderr
+    );
+}
