@@ -12,5 +12,6 @@ pub mod nn;
 pub mod panics;
 pub mod pipeline;
 pub mod rng;
+pub mod stage;
 pub mod tasks;
 pub mod train;

@@ -4,11 +4,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use pretext::pipeline::{load_plan, LoadOptions};
-use pretext::tasks::Catalog;
 
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("fuzz.yaml");
     std::fs::write(&file, data).expect("write input");
-    let _ = load_plan(&file, &Catalog::builtin(), &LoadOptions::default());
+    let _ = load_plan(&file, &pretext::tasks::catalog(), &LoadOptions::default());
 });

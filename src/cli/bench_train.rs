@@ -161,7 +161,7 @@ fn in_process(args: &TrainArgs, threads: usize) -> Result<ExitCode> {
     // candle's kernels and the gemm crate size their pools from this variable; nothing has
     // started a pool yet at this point.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let dev = crate::tasks::compute_device(&args.device)
+    let dev = crate::stage::compute_device(&args.device)
         .map_err(|e| super::UsageError(format!("--device: {e:#}")))?;
     if let Some(tolerance) = args.compare_cpu {
         let worst = compare_with_cpu(args, &dev, tolerance)?;

@@ -1,6 +1,6 @@
 use super::PipelineArgs;
 use crate::pipeline::Plan;
-use crate::tasks::Catalog;
+use crate::stage::Catalog;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use std::process::ExitCode;

@@ -4,7 +4,7 @@ use crate::cache::store::verify as verify_entry;
 use crate::cache::{KeyedInput, StageKey};
 use crate::exec::keys::stage_keys;
 use crate::pipeline::{load_plan, LoadOptions};
-use crate::tasks::Catalog;
+use crate::stage::Catalog;
 use anyhow::{Context, Result};
 use clap::Args;
 use std::collections::{HashMap, HashSet};

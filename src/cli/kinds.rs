@@ -3,7 +3,7 @@
 //! Both read the params' JSON Schema, which schemars derives from the `Params` structs and
 //! their doc comments: the documentation cannot drift from the code.
 
-use crate::tasks::{Catalog, TaskEntry};
+use crate::stage::{Catalog, TaskEntry};
 use anyhow::Result;
 use clap::Args;
 use serde_json::{json, Map, Value};

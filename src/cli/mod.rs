@@ -19,7 +19,7 @@ mod view;
 use crate::cache::Store;
 use crate::exec::keys::{stage_keys, Keyed};
 use crate::pipeline::{load_plan, LoadOptions, Plan};
-use crate::tasks::Catalog;
+use crate::stage::Catalog;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -276,7 +276,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let catalog = Catalog::builtin();
+    let catalog = crate::tasks::catalog();
     let result = match cli.command {
         Command::Run(a) => run::run(a, &catalog),
         Command::Status(a) => status::status(a, &catalog),

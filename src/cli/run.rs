@@ -8,7 +8,7 @@ use crate::exec::slurm::{self, SlurmConfig, SlurmRun};
 use crate::exec::{run_plan, RunOptions};
 use crate::pipeline::config::user_executor;
 use crate::pipeline::spec::{ExecutorKind, ExecutorSpec};
-use crate::tasks::Catalog;
+use crate::stage::Catalog;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
@@ -98,7 +98,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = args.jobs.map_or(cpus, usize::from);
     if args.device != "auto" {
-        crate::tasks::parse_device(&args.device)
+        crate::stage::parse_device(&args.device)
             .map_err(|e| UsageError(format!("--device: {e}")))?;
     }
     let local = Local {
@@ -265,8 +265,8 @@ fn preflight(
             .0
             .values()
             .flat_map(|v| match v {
-                crate::tasks::InputValue::One(item) => vec![item],
-                crate::tasks::InputValue::Many(items) => items.iter().collect(),
+                crate::stage::InputValue::One(item) => vec![item],
+                crate::stage::InputValue::Many(items) => items.iter().collect(),
             })
             .filter(|item| item.digest.is_some())
             .map(|item| format!("{}{:?}", item.path.display(), item.options))

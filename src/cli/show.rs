@@ -3,7 +3,7 @@ use crate::cache::journal::Journal;
 use crate::cache::{Entry, KeyedInput, Manifest, Store};
 use crate::exec::keys::stage_keys;
 use crate::pipeline::{load_plan, LoadOptions};
-use crate::tasks::Catalog;
+use crate::stage::Catalog;
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;

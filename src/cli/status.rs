@@ -1,6 +1,6 @@
 use super::PipelineArgs;
 use crate::exec::keys::stage_keys;
-use crate::tasks::Catalog;
+use crate::stage::Catalog;
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;

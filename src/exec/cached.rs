@@ -6,7 +6,7 @@ use super::events::{Event, EventSink};
 use super::keys::Keyed;
 use crate::cache::store::{EntryState, Manifest, Staging, MANIFEST_SCHEMA};
 use crate::cache::Store;
-use crate::tasks::{Catalog, Inputs, Progress, StageCtx};
+use crate::stage::{Catalog, Inputs, Progress, StageCtx};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::fs::File;

@@ -11,7 +11,7 @@ use crate::cache::journal::{now_unix, Invocation, Journal, JournalLine, RENEW_AF
 use crate::cache::store::EntryState;
 use crate::cache::{KeyedInput, Store};
 use crate::pipeline::{InputRef, Plan, PlannedInput};
-use crate::tasks::{InputItem, InputValue, Inputs};
+use crate::stage::{InputItem, InputValue, Inputs};
 use cached::{Job, Local, Outcome};
 use events::{Event, EventSink};
 use keys::Keyed;

@@ -15,7 +15,7 @@ use super::cached::{self, Job, Local, Outcome};
 use super::events::EventSink;
 use super::keys::Keyed;
 use crate::cache::Store;
-use crate::tasks::{Catalog, InputValue, Inputs};
+use crate::stage::{Catalog, InputValue, Inputs};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

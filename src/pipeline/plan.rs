@@ -5,7 +5,7 @@ use super::diagnostic::{closest, SpecError};
 use super::load::{self, unknown_field, Merged};
 use super::spec::{ExecutorSpec, InputSpec, Resources};
 use super::vars;
-use crate::tasks::{Catalog, InputSlot};
+use crate::stage::{Catalog, InputSlot};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -24,7 +24,7 @@
 //! command text, the params and the content of every declared input, not files the command reads
 //! without declaring them: declare scripts as inputs (`script: file:tools/train.py`).
 
-use super::{InputSlot, InputValue, Inputs, OutputSlot, StageCtx, Task};
+use crate::stage::{InputSlot, InputValue, Inputs, OutputSlot, StageCtx, Task};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -279,10 +279,10 @@ fn stream(pipe: impl Read, ctx: &StageCtx, parse_progress: bool) {
     }
 }
 
-fn parse_progress_line(rest: &str) -> Option<super::Progress> {
+fn parse_progress_line(rest: &str) -> Option<crate::stage::Progress> {
     let (counts, message) = rest.split_once(' ').unwrap_or((rest, ""));
     let (done, total) = counts.split_once('/')?;
-    Some(super::Progress {
+    Some(crate::stage::Progress {
         done: done.parse().ok()?,
         total: total.parse().ok()?,
         message: message.to_owned(),
@@ -314,7 +314,7 @@ mod tests {
     fn progress_lines_parse() {
         assert_eq!(
             parse_progress_line("3/10 loss 0.5"),
-            Some(super::super::Progress {
+            Some(crate::stage::Progress {
                 done: 3,
                 total: 10,
                 message: "loss 0.5".into()

@@ -6,10 +6,10 @@
 use super::finetune::{argmax, evaluate_split};
 use super::fit::{ImageSet, SetSpec};
 use super::net::ModelCard;
-use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::Normalize;
 use crate::data::source::Split;
+use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::train::metrics::{
     accuracy, bootstrap_ci, calibration, cohen_kappa, confusion, macro_f1,
     per_class as per_class_rows, roc_auc, roc_auc_per_class, roc_curve, study_level,

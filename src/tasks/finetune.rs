@@ -9,13 +9,13 @@ use super::fit::{
     OptimSpec, SetSpec, TrainingPlan,
 };
 use super::net::{ModelCard, Net, NetDesc, Preprocess};
-use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
 use crate::data::source::Split;
 use crate::nn::ops::{cross_entropy, weighted_cross_entropy, WeightInit};
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
+use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::train::metrics::{accuracy, roc_auc_per_class};
 use crate::train::optim::clip_grad_norm;
 use crate::train::schedule::scaled_lr;

@@ -1,11 +1,11 @@
 //! Training plumbing shared by the stage kinds: labelled image sets, optimiser groups, the
 //! per-epoch loop with atomic checkpoints that a restarted attempt resumes from.
 
-use super::{InputItem, StageCtx};
 use crate::data::decode::{decode_all, Decoded, OnBadImage};
 use crate::data::loader::{Batch, Normalize};
 use crate::data::source::{self, Dataset, Split};
 use crate::nn::params::ParamStore;
+use crate::stage::{InputItem, StageCtx};
 use crate::train::lars::Lars;
 use crate::train::lr_decay::param_groups_lrd;
 use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};

@@ -7,7 +7,6 @@ use super::fit::{
     finite, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet, OptimSpec, SetSpec,
 };
 use super::net::{Net, NetDesc};
-use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Normalize, TrainAug};
 use crate::nn::mae::{masking_noise, plan_mask, Mae, MaeConfig, Masking};
@@ -15,6 +14,7 @@ use crate::nn::masked_cnn::{masked_mse, pixel_mask, PixelHead};
 use crate::nn::params::ParamStore;
 use crate::nn::pos_embed::sincos_2d_tensor;
 use crate::rng::Rng;
+use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::train::schedule::scaled_lr;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};

@@ -71,15 +71,15 @@ pub mod defaults {
 
 /// The two inputs of the self-supervised kinds (mae, proxy): unlabelled images and an optional
 /// encoder to start from.
-pub fn images_and_init_inputs() -> Vec<super::InputSlot> {
+pub fn images_and_init_inputs() -> Vec<crate::stage::InputSlot> {
     vec![
-        super::InputSlot {
+        crate::stage::InputSlot {
             name: "images",
             required: true,
             many: false,
             doc: "a data folder (labels unused)",
         },
-        super::InputSlot {
+        crate::stage::InputSlot {
             name: "init",
             required: false,
             many: false,
@@ -89,15 +89,15 @@ pub fn images_and_init_inputs() -> Vec<super::InputSlot> {
 }
 
 /// The two inputs of the kinds that use a fine-tuned model on a labelled set (evaluate, gradcam).
-pub fn model_and_data_inputs() -> Vec<super::InputSlot> {
+pub fn model_and_data_inputs() -> Vec<crate::stage::InputSlot> {
     vec![
-        super::InputSlot {
+        crate::stage::InputSlot {
             name: "model",
             required: true,
             many: false,
             doc: "a fine-tuned model (`finetune.model`)",
         },
-        super::InputSlot {
+        crate::stage::InputSlot {
             name: "data",
             required: true,
             many: false,

@@ -12,13 +12,13 @@ use super::fit::{
     OptimSpec, SetSpec,
 };
 use super::net::{Net, NetDesc};
-use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::augment::{crop_resize, jigsaw_tiles, rotate90, Grey};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, TrainAug};
 use crate::nn::ops::cross_entropy;
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
+use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::train::schedule::scaled_lr;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};

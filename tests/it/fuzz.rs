@@ -2,7 +2,6 @@
 //! test replays its corpus and a few thousand deterministic mutations of it on stable, in CI.
 
 use pretext::pipeline::{load_plan, LoadOptions};
-use pretext::tasks::Catalog;
 use std::path::Path;
 
 fn corpus() -> Vec<Vec<u8>> {
@@ -91,7 +90,7 @@ fn loader_never_panics_on_mutated_pipelines() {
     )
     .unwrap();
     let file = pipelines.join("fuzz.yaml");
-    let catalog = Catalog::builtin();
+    let catalog = pretext::tasks::catalog();
     let seeds = corpus();
     assert!(seeds.len() >= 5);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);

@@ -5,6 +5,7 @@ mod cli_errors;
 mod datasets;
 mod fuzz;
 mod hostile;
+mod layers;
 mod orchestrator;
 mod results;
 mod science;

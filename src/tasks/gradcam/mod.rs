@@ -22,7 +22,6 @@ pub fn colour_stops(stops: usize) -> Vec<String> {
 
 use super::fit::{ImageSet, SetSpec};
 use super::net::{ModelCard, Net};
-use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::data::decode::OnBadImage;
 use crate::data::formats::FindingBox;
 use crate::data::loader;
@@ -30,6 +29,7 @@ use crate::data::loader::Normalize;
 use crate::data::source::Split;
 use crate::nn::gradcam::{grad_cam, CamMethod};
 use crate::nn::tap::Taps;
+use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use gallery::{Gallery, Tile};

@@ -13,7 +13,7 @@ mod charts;
 mod gather;
 mod tables;
 
-use super::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
+use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use anyhow::{Context, Result};
 use charts::{Axes, Series};
 use gather::{floats, metric_over, Leaf, Route};
@@ -638,7 +638,7 @@ struct ProvenanceRow {
 
 fn provenance(l: &Leaf, page_dir: &Path) -> ProvenanceRow {
     // Params that differ from the kind's defaults (all of them for kinds with required params).
-    let defaults = super::Catalog::builtin()
+    let defaults = super::catalog()
         .get(&l.kind)
         .and_then(|e| (e.normalize)(json!({})).ok());
     let changed: Vec<String> = l

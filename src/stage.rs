@@ -1,0 +1,264 @@
+//! The seam between the orchestrator and the science, in a room of its own: one [`Task`] trait,
+//! one [`StageCtx`], and the type-erased [`TaskEntry`] rows of a [`Catalog`].
+//!
+//! A task is a function `(params, inputs, ctx) -> metrics` that writes its outputs into
+//! `ctx.out_dir`. It never sees the cache, the scheduler or YAML: the orchestrator hands it
+//! plain paths and publishes its output directory atomically once it returns `Ok`. The
+//! orchestrator (`pipeline`, `cache`, `exec`) imports this module, never `tasks`: it sees kinds
+//! only as catalog rows, which the cli builds with `tasks::catalog()` and hands to it, so it never
+//! names a model. This module imports nothing of either side (`tests/it/layers.rs` checks).
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// A named input a task accepts.
+#[derive(Debug, Clone)]
+pub struct InputSlot {
+    pub name: &'static str,
+    pub required: bool,
+    /// Accepts a list of references (`results: [eval_a, eval_b]` or `eval@*`).
+    pub many: bool,
+    pub doc: &'static str,
+}
+
+/// A named output, at a path relative to the stage's output directory.
+#[derive(Debug, Clone)]
+pub struct OutputSlot {
+    pub name: &'static str,
+    pub path: &'static str,
+    pub doc: &'static str,
+}
+
+pub trait Task {
+    const KIND: &'static str;
+    /// Bump when the same params would now give different results: it changes every key.
+    const VERSION: u32;
+    const SUMMARY: &'static str;
+    /// Trains a model: its tensor ops use every core, so by default the scheduler gives it the
+    /// whole machine (a stage's `resources.cpu` overrides this).
+    const TRAINS: bool = false;
+    /// Defaults applied by serde; unknown fields rejected (`#[serde(deny_unknown_fields)]`).
+    /// Doc comments on the fields are the params' documentation (`pretext kinds KIND`, and the
+    /// JSON Schema of `pretext schema`).
+    type Params: DeserializeOwned + Serialize + schemars::JsonSchema;
+    /// `None` accepts any slot name (the `command` kind).
+    fn inputs(p: &Self::Params) -> Option<Vec<InputSlot>>;
+    fn outputs(p: &Self::Params) -> Vec<OutputSlot>;
+    /// Refuses values no run could use (a zero batch, an image size the patch does not divide),
+    /// at plan time, before any stage starts. Defaults are applied already.
+    fn check(_p: &Self::Params) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    /// Values that run but probably not as meant (a warmup as long as the run), said at plan
+    /// time as warnings.
+    fn lint(_p: &Self::Params) -> Vec<String> {
+        Vec::new()
+    }
+    /// Checks the inputs before the run starts any stage (a test split to score, two classes to
+    /// tell apart), so a mistake in the data surfaces before hours of upstream training.
+    fn preflight(_p: &Self::Params, _inputs: &Inputs) -> Result<()> {
+        Ok(())
+    }
+    /// Writes outputs into `ctx.out_dir` and returns the metrics recorded in the manifest.
+    fn run(p: &Self::Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value>;
+}
+
+/// One task kind with its types erased, as the orchestrator sees it.
+#[derive(Clone, Copy)]
+pub struct TaskEntry {
+    pub kind: &'static str,
+    pub version: u32,
+    pub summary: &'static str,
+    pub trains: bool,
+    /// Parses params, applies defaults, checks them, and returns them in canonical form.
+    pub normalize: fn(Value) -> std::result::Result<Value, String>,
+    pub inputs: fn(&Value) -> Option<Vec<InputSlot>>,
+    pub outputs: fn(&Value) -> Vec<OutputSlot>,
+    pub run: fn(&Value, &Inputs, &mut StageCtx) -> Result<Value>,
+    /// The JSON Schema of the params (defaults, types, doc comments).
+    pub schema: fn() -> Value,
+    /// Plan-time warnings about normalized params.
+    pub lint: fn(&Value) -> Vec<String>,
+    /// Checks of the inputs before any stage runs.
+    pub preflight: fn(&Value, &Inputs) -> Result<()>,
+}
+
+pub fn entry<T: Task>() -> TaskEntry {
+    fn parse<T: Task>(v: &Value) -> T::Params {
+        // Only called on values that `normalize` produced, which parse by construction.
+        serde_json::from_value(v.clone()).expect("normalized params parse")
+    }
+    TaskEntry {
+        kind: T::KIND,
+        version: T::VERSION,
+        summary: T::SUMMARY,
+        trains: T::TRAINS,
+        normalize: |v| {
+            let p: T::Params = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            T::check(&p)?;
+            serde_json::to_value(p).map_err(|e| e.to_string())
+        },
+        inputs: |v| T::inputs(&parse::<T>(v)),
+        outputs: |v| T::outputs(&parse::<T>(v)),
+        run: |v, inputs, ctx| {
+            let p: T::Params = serde_json::from_value(v.clone())?;
+            T::run(&p, inputs, ctx)
+        },
+        schema: || serde_json::to_value(schemars::schema_for!(T::Params)).unwrap_or_default(),
+        lint: |v| T::lint(&parse::<T>(v)),
+        preflight: |v, inputs| T::preflight(&parse::<T>(v), inputs),
+    }
+}
+
+/// The stage kinds pretext knows, with their params types erased: a list the orchestrator reads,
+/// never names.
+#[derive(Clone)]
+pub struct Catalog {
+    entries: Vec<TaskEntry>,
+}
+
+impl Catalog {
+    pub fn new(entries: Vec<TaskEntry>) -> Self {
+        Catalog { entries }
+    }
+    pub fn get(&self, kind: &str) -> Option<&TaskEntry> {
+        self.entries.iter().find(|e| e.kind == kind)
+    }
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.entries.iter().map(|e| e.kind)
+    }
+}
+
+/// What one input slot resolved to: paths inside upstream cache entries or data folders.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InputValue {
+    One(InputItem),
+    Many(Vec<InputItem>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputItem {
+    pub path: PathBuf,
+    /// Options written beside a data entry (`labels: labels.csv`, `source: mura`); empty otherwise.
+    pub options: serde_json::Map<String, Value>,
+    /// A data input's content fingerprint (hex), which covers every file in it: what derived
+    /// data (decoded images) is keyed by. `None` for upstream outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Inputs(pub BTreeMap<String, InputValue>);
+
+impl Inputs {
+    pub fn item(&self, slot: &str) -> Result<&InputItem> {
+        match self.0.get(slot) {
+            Some(InputValue::One(item)) => Ok(item),
+            Some(InputValue::Many(_)) => {
+                Err(anyhow!("input `{slot}` takes one reference, not a list"))
+            }
+            None => Err(anyhow!("input `{slot}` is missing")),
+        }
+    }
+    pub fn path(&self, slot: &str) -> Result<&Path> {
+        self.item(slot).map(|i| i.path.as_path())
+    }
+    pub fn optional_path(&self, slot: &str) -> Option<&Path> {
+        self.item(slot).ok().map(|i| i.path.as_path())
+    }
+    pub fn items(&self, slot: &str) -> Vec<&InputItem> {
+        match self.0.get(slot) {
+            Some(InputValue::One(item)) => vec![item],
+            Some(InputValue::Many(items)) => items.iter().collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// A stage's view of its progress: `done` of `total` units and a short message (loss, epoch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+    pub message: String,
+}
+
+/// What a running task may touch.
+pub struct StageCtx<'a> {
+    pub stage: &'a str,
+    /// Published atomically into the cache when `run` returns `Ok`.
+    pub out_dir: PathBuf,
+    /// Survives a failed or killed attempt, so the next one resumes; deleted on success.
+    pub checkpoint_dir: PathBuf,
+    /// The directory relative paths in params are read from (the project root).
+    pub workdir: PathBuf,
+    /// Shared by all stages for derived data that can always be recomputed (decoded images).
+    pub scratch_dir: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub threads: usize,
+    pub cancel: Arc<AtomicBool>,
+    pub progress: &'a (dyn Fn(Progress) + Sync),
+    pub log: &'a (dyn Fn(&str) + Sync),
+    /// Set by tasks that run a child process, whose peak memory the executor cannot see.
+    pub peak_rss_kib: Option<u64>,
+    /// A file descriptor that marks this stage as running (the executor's lock on it). A process
+    /// the task starts that could outlive pretext (a command's guard) keeps it open, so no
+    /// other attempt of the stage starts until that process is gone.
+    pub lease: Option<std::os::fd::RawFd>,
+}
+
+/// The CUDA ordinal a device string names (`cuda` is `cuda:0`), or `None` for `cpu`.
+pub fn parse_device(name: &str) -> Result<Option<usize>> {
+    match name {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        n => n
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| anyhow!("unknown device `{n}`: use cpu, cuda, cuda:N or auto")),
+    }
+}
+
+/// The candle device a device string names: `cpu`, `cuda` or `cuda:N`.
+pub fn compute_device(name: &str) -> Result<candle_core::Device> {
+    let Some(ordinal) = parse_device(name)? else {
+        return Ok(candle_core::Device::Cpu);
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "device `{name}`: this pretext was built without CUDA; build it with \
+             `cargo build --release --features cuda` (tools/cuda/build.sh) or use --device cpu"
+        );
+    }
+    candle_core::Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
+impl StageCtx<'_> {
+    /// Where this stage's models and batches live.
+    pub fn compute_device(&self) -> Result<candle_core::Device> {
+        compute_device(&self.device)
+    }
+
+    pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
+        (self.progress)(Progress {
+            done,
+            total,
+            message: message.into(),
+        });
+    }
+    pub fn log(&self, line: &str) {
+        (self.log)(line)
+    }
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
