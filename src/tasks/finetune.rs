@@ -5,22 +5,21 @@
 //! best on a validation split carved from train (grouped, stratified, seeded): never the test split.
 
 use super::fit::{
-    batch_tensors, finite, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet,
-    OptimSpec, SetSpec, TrainingPlan,
+    batch_tensors, run_epochs, scalar, schedule, store_size, EpochDone, ImageSet, OptimSpec,
+    Schedule, SetSpec, Step, TrainingPlan,
 };
 use super::net::{ModelCard, Net, NetDesc, Preprocess};
 use crate::data::decode::OnBadImage;
-use crate::data::loader::{self, Normalize, TrainAug};
+use crate::data::loader::{self, Batch, Normalize, TrainAug};
 use crate::data::source::Split;
 use crate::nn::ops::{cross_entropy, weighted_cross_entropy, WeightInit};
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
 use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::train::metrics::{accuracy, roc_auc_per_class};
-use crate::train::optim::clip_grad_norm;
 use crate::train::schedule::scaled_lr;
 use anyhow::{bail, Context, Result};
-use candle_core::D;
+use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -563,14 +562,6 @@ impl Task for Finetune {
         for line in plan.describe(train.len()) {
             ctx.log(&line);
         }
-        let sched = schedule(peak_lr, p.min_lr, p.warmup_epochs, p.epochs);
-        let (start, mut h) = match super::fit::resume::<History>(ctx, &net.params, &mut opt)? {
-            Some((done, h)) => {
-                ctx.log(&format!("resuming after epoch {done}"));
-                (done, h)
-            }
-            None => (0, History::default()),
-        };
         let aug = TrainAug {
             crop_scale: p.crop_scale,
             center_bias: p.center_bias,
@@ -578,7 +569,6 @@ impl Task for Finetune {
             randaug: (p.randaug_magnitude > 0.0 && p.randaug_n > 0)
                 .then_some((p.randaug_n, p.randaug_magnitude)),
         };
-        let d = Arc::new(set.decoded.clone());
         let labels: Vec<u32> = train
             .iter()
             .map(|&pos| set.label(pos))
@@ -588,66 +578,33 @@ impl Task for Finetune {
             ctx.log(&format!("class weights {w:.3?} ({classes:?})"));
         }
         let best_file = ctx.checkpoint_dir.join("best.safetensors");
-        for epoch in start..p.epochs {
-            let (dd, t, lab, size) = (d.clone(), train.clone(), labels.clone(), p.img_size);
-            let rx = loader::epoch(
-                train.len(),
-                p.batch,
-                true,
-                train.len() > p.batch,
-                p.seed,
-                epoch as u64,
-                size,
-                move |i, rng| {
-                    vec![(
-                        norm.apply(loader::view(&dd, t[i], size, Some(&aug), rng)),
-                        lab[i],
-                    )]
-                },
-            );
-            let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
-            let mut rng = Rng::stream(p.seed, epoch as u64, 0xD209);
-            let mut lr = 0.0;
-            for (step, b) in rx.enumerate() {
-                super::fit::check_cancelled(ctx, epoch)?;
-                let (x, y) = batch_tensors(&b, &dev)?;
-                let logits = net.logits(&x, Some(&mut rng), &mut Taps::none())?;
-                let loss = weighted_cross_entropy(
-                    &logits,
-                    &y,
-                    p.label_smoothing,
-                    class_weights.as_deref(),
-                )?;
-                let value = finite(scalar(&loss)?, epoch, step, &b.x, &net.params)?;
-                let mut grads = loss.backward()?;
-                if let Some(max) = p.clip_grad {
-                    clip_grad_norm(&mut grads, opt.vars().iter(), max)?;
-                }
-                lr = sched.lr(epoch as f64 + step as f64 / steps as f64);
-                opt.step(&grads, lr)?;
-                epoch_loss.add(ctx, step, value, b.n);
-            }
-            let (vl, va, vauc, _) =
-                evaluate_split(&net, &set, &val, p.img_size, norm, classes.len())?;
-            h.train_loss.push(epoch_loss.mean());
-            h.val_loss.push(vl);
-            h.val_accuracy.push(va);
-            h.val_auc.push(vauc);
-            h.lr.push(lr);
-            let score = p.select.score(va, vauc, vl);
-            if h.best_score.is_none_or(|b| better(score, b)) {
-                h.best_score = Some(score);
-                h.best_epoch = epoch + 1;
-                net.params.save_safetensors(&best_file, |_| true)?;
-            }
-            ctx.log(&format!(
-                "epoch {} train loss {:.4} val loss {vl:.4} acc {va:.3} auc {}",
-                epoch + 1,
-                h.train_loss[epoch],
-                vauc.map_or("-".into(), |a| format!("{a:.3}"))
-            ));
-            save_checkpoint(&ctx.checkpoint_dir, &net.params, &opt, &h, epoch + 1)?;
-        }
+        let mut kind = FineTuning {
+            p,
+            net: &net,
+            dev: &dev,
+            set: &set,
+            val: &val,
+            classes: classes.len(),
+            views: Arc::new(Views {
+                decoded: set.decoded.clone(),
+                train: train.clone(),
+                labels,
+                norm,
+                aug,
+                size: p.img_size,
+            }),
+            class_weights,
+            best_file: best_file.clone(),
+        };
+        let plan = Schedule {
+            epochs: p.epochs,
+            steps_per_epoch: steps,
+            lr: schedule(peak_lr, p.min_lr, p.warmup_epochs, p.epochs),
+            clip_grad: p.clip_grad,
+            seed: p.seed,
+            stream: 0xD209,
+        };
+        let h = run_epochs(&mut kind, &plan, &net.params, &mut opt, ctx)?;
         if best_file.is_file() {
             let report = net.params.load_safetensors(&best_file, |_| false)?;
             if !report.is_clean() {
@@ -687,6 +644,108 @@ impl Task for Finetune {
             "best_epoch": h.best_epoch, "select": p.select, "train_loss": h.train_loss, "val_loss": h.val_loss,
             "val_accuracy": h.val_accuracy, "val_auc": h.val_auc, "lr": h.lr, "skipped_images": set.decoded.skipped.len(),
         }))
+    }
+}
+
+/// Training images as the fine-tune sees them: an augmented view and its label.
+struct Views {
+    decoded: crate::data::decode::Decoded,
+    train: Vec<usize>,
+    labels: Vec<u32>,
+    norm: Normalize,
+    aug: TrainAug,
+    size: usize,
+}
+
+/// Fine-tuning as the shared epoch loop runs it: after each epoch, the validation split scores
+/// the model, and the best epoch by `select` is kept.
+struct FineTuning<'a> {
+    p: &'a Params,
+    net: &'a Net,
+    dev: &'a candle_core::Device,
+    set: &'a ImageSet,
+    val: &'a [usize],
+    classes: usize,
+    views: Arc<Views>,
+    class_weights: Option<Vec<f32>>,
+    best_file: std::path::PathBuf,
+}
+
+impl Step for FineTuning<'_> {
+    type History = History;
+
+    fn batches(&self, epoch: usize) -> crate::data::loader::Batches {
+        let v = self.views.clone();
+        let n = v.train.len();
+        loader::epoch(
+            n,
+            self.p.batch,
+            true,
+            n > self.p.batch,
+            self.p.seed,
+            epoch as u64,
+            v.size,
+            move |i, rng| {
+                vec![(
+                    v.norm.apply(loader::view(
+                        &v.decoded,
+                        v.train[i],
+                        v.size,
+                        Some(&v.aug),
+                        rng,
+                    )),
+                    v.labels[i],
+                )]
+            },
+        )
+    }
+
+    fn loss(&mut self, b: &Batch, _: usize, _: usize, rng: &mut Rng) -> Result<Tensor> {
+        let (x, y) = batch_tensors(b, self.dev)?;
+        let logits = self.net.logits(&x, Some(rng), &mut Taps::none())?;
+        Ok(weighted_cross_entropy(
+            &logits,
+            &y,
+            self.p.label_smoothing,
+            self.class_weights.as_deref(),
+        )?)
+    }
+
+    fn end_epoch(
+        &mut self,
+        epoch: usize,
+        done: &EpochDone,
+        h: &mut History,
+        ctx: &StageCtx,
+    ) -> Result<()> {
+        let (vl, va, vauc, _) = evaluate_split(
+            self.net,
+            self.set,
+            self.val,
+            self.p.img_size,
+            self.views.norm,
+            self.classes,
+        )?;
+        h.train_loss.push(done.mean_loss);
+        h.val_loss.push(vl);
+        h.val_accuracy.push(va);
+        h.val_auc.push(vauc);
+        h.lr.push(done.last_lr);
+        let score = self.p.select.score(va, vauc, vl);
+        if h.best_score.is_none_or(|b| better(score, b)) {
+            h.best_score = Some(score);
+            h.best_epoch = epoch + 1;
+            self.net
+                .params
+                .save_safetensors(&self.best_file, |_| true)?;
+        }
+        ctx.log(&format!(
+            "epoch {} train loss {:.4} val loss {vl:.4} acc {va:.3} auc {}",
+            epoch + 1,
+            h.train_loss[epoch],
+            vauc.map_or("-".into(), |a| format!("{a:.3}"))
+        ));
+        Ok(())
     }
 }
 

@@ -4,11 +4,11 @@
 //! upstream encoder (chest MAE -> shoulder MAE).
 
 use super::fit::{
-    finite, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet, OptimSpec, SetSpec,
+    run_epochs, schedule, store_size, EpochDone, ImageSet, OptimSpec, Schedule, SetSpec, Step,
 };
 use super::net::{Net, NetDesc};
 use crate::data::decode::OnBadImage;
-use crate::data::loader::{self, Normalize, TrainAug};
+use crate::data::loader::{self, Batch, Normalize, TrainAug};
 use crate::nn::mae::{masking_noise, plan_mask, Mae, MaeConfig, Masking};
 use crate::nn::masked_cnn::{masked_mse, pixel_mask, PixelHead};
 use crate::nn::params::ParamStore;
@@ -523,15 +523,51 @@ fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
     Ok(summary(p, &history, &set, train.len(), norm))
 }
 
-/// The epoch loop both variants share: batches, lr schedule, backward, AdamW, checkpoints.
+/// What both variants give the shared epoch loop: batches of augmented views, and their loss.
+struct Pretraining<'a, F> {
+    p: &'a Params,
+    set: &'a ImageSet,
+    train: &'a [usize],
+    norm: Normalize,
+    // The device the model was built on: asking the context again would open a second CUDA
+    // device, whose tensors candle will not mix with the first one's.
+    dev: &'a Device,
+    loss_of: F,
+}
+
+impl<F: Fn(&Tensor, usize, usize, &mut Rng) -> Result<Tensor>> Step for Pretraining<'_, F> {
+    type History = History;
+
+    fn batches(&self, epoch: usize) -> crate::data::loader::Batches {
+        epoch_batches(self.p, self.set, self.train, self.norm, epoch)
+    }
+
+    fn loss(&mut self, b: &Batch, epoch: usize, step: usize, rng: &mut Rng) -> Result<Tensor> {
+        let size = self.p.img_size;
+        let x = Tensor::from_slice(&b.x, (b.n, 1, size, size), self.dev)?;
+        (self.loss_of)(&x, epoch, step, rng)
+    }
+
+    fn end_epoch(
+        &mut self,
+        epoch: usize,
+        done: &EpochDone,
+        h: &mut History,
+        ctx: &StageCtx,
+    ) -> Result<()> {
+        h.loss.push(done.mean_loss);
+        ctx.log(&format!("epoch {} loss {:.4}", epoch + 1, done.mean_loss));
+        Ok(())
+    }
+}
+
+/// The pretraining run of either variant: AdamW with MAE's betas on the warmup-cosine schedule.
 fn train_loop(
     p: &Params,
     set: &ImageSet,
     train: &[usize],
     norm: Normalize,
     params: &ParamStore,
-    // The device the model was built on: asking the context again would open a second CUDA
-    // device, whose tensors candle will not mix with the first one's.
     dev: &Device,
     ctx: &mut StageCtx,
     loss_of: impl Fn(&Tensor, usize, usize, &mut Rng) -> Result<Tensor>,
@@ -546,41 +582,28 @@ fn train_loop(
             lars: false,
         },
     );
-    let sched = schedule(
-        scaled_lr(p.blr, p.batch),
-        p.min_lr,
-        p.warmup_epochs,
-        p.epochs,
-    );
-    let (start, mut history) = match super::fit::resume::<History>(ctx, params, &mut opt)? {
-        Some((done, h)) => {
-            ctx.log(&format!("resuming after epoch {done} from the checkpoint"));
-            (done, h)
-        }
-        None => (0, History::default()),
+    let plan = Schedule {
+        epochs: p.epochs,
+        steps_per_epoch: train.len().div_ceil(p.batch),
+        lr: schedule(
+            scaled_lr(p.blr, p.batch),
+            p.min_lr,
+            p.warmup_epochs,
+            p.epochs,
+        ),
+        clip_grad: None,
+        seed: p.seed,
+        stream: 0xB7A1,
     };
-    let steps = train.len().div_ceil(p.batch);
-    for epoch in start..p.epochs {
-        let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
-        let mut rng = Rng::stream(p.seed, epoch as u64, 0xB7A1);
-        for (step, b) in epoch_batches(p, set, train, norm, epoch).enumerate() {
-            super::fit::check_cancelled(ctx, epoch)?;
-            let x = Tensor::from_slice(&b.x, (b.n, 1, p.img_size, p.img_size), dev)?;
-            let loss = loss_of(&x, epoch, step, &mut rng)?;
-            let value = finite(scalar(&loss)?, epoch, step, &b.x, params)?;
-            let grads = loss.backward()?;
-            opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
-            epoch_loss.add(ctx, step, value, b.n);
-        }
-        history.loss.push(epoch_loss.mean());
-        ctx.log(&format!(
-            "epoch {} loss {:.4}",
-            epoch + 1,
-            history.loss[epoch]
-        ));
-        save_checkpoint(&ctx.checkpoint_dir, params, &opt, &history, epoch + 1)?;
-    }
-    Ok(history)
+    let mut kind = Pretraining {
+        p,
+        set,
+        train,
+        norm,
+        dev,
+        loss_of,
+    };
+    run_epochs(&mut kind, &plan, params, &mut opt, ctx)
 }
 
 fn summary(p: &Params, history: &History, set: &ImageSet, images: usize, norm: Normalize) -> Value {

@@ -8,13 +8,13 @@
 //! - `contrastive`: SimCLR, two augmented views per image, NT-Xent loss with a temperature.
 
 use super::fit::{
-    batch_tensors, finite, save_checkpoint, scalar, schedule, store_size, EpochLoss, ImageSet,
-    OptimSpec, SetSpec,
+    batch_tensors, run_epochs, schedule, store_size, EpochDone, ImageSet, OptimSpec, Schedule,
+    SetSpec, Step,
 };
 use super::net::{Net, NetDesc};
 use crate::data::augment::{crop_resize, jigsaw_tiles, rotate90, Grey};
 use crate::data::decode::OnBadImage;
-use crate::data::loader::{self, TrainAug};
+use crate::data::loader::{self, Batch, TrainAug};
 use crate::nn::ops::cross_entropy;
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
@@ -169,6 +169,115 @@ struct History {
     accuracy: Vec<f64>,
 }
 
+/// How an image becomes the proxy task's samples: rotated copies, a shuffled jigsaw, itself, or
+/// two views.
+struct Samples {
+    decoded: crate::data::decode::Decoded,
+    train: Vec<usize>,
+    norm: crate::data::loader::Normalize,
+    aug: TrainAug,
+    perms: Arc<Vec<Vec<usize>>>,
+    task: ProxyKind,
+    size: usize,
+    jitter: usize,
+}
+
+impl Samples {
+    fn of(&self, i: usize, rng: &mut Rng) -> Vec<crate::data::loader::Sample> {
+        let (size, norm) = (self.size, self.norm);
+        let v = loader::view(&self.decoded, self.train[i], size, Some(&self.aug), rng);
+        match self.task {
+            ProxyKind::Rotation => (0..4)
+                .map(|k| (norm.apply(rotate90(&v, k)), k as u32))
+                .collect(),
+            ProxyKind::Jigsaw => {
+                let which = rng.below(self.perms.len());
+                let tile = size / 3;
+                let tiles = jigsaw_tiles(&v, 3, tile, self.jitter, rng);
+                let mut img = Grey {
+                    size,
+                    px: vec![0.0; size * size],
+                };
+                for (slot, &src) in self.perms[which].iter().enumerate() {
+                    let (oy, ox) = ((slot / 3) * tile, (slot % 3) * tile);
+                    for y in 0..tile {
+                        for x in 0..tile {
+                            img.px[(oy + y) * size + ox + x] = tiles[src].px[y * tile + x];
+                        }
+                    }
+                }
+                vec![(norm.apply(img), which as u32)]
+            }
+            ProxyKind::Exemplar => vec![(norm.apply(v), i as u32)],
+            ProxyKind::Contrastive => {
+                let w = loader::view(&self.decoded, self.train[i], size, Some(&self.aug), rng);
+                let whole = crop_resize(&w, 0.0, 0.0, size as f32, size as f32, size);
+                vec![(norm.apply(v), 0), (norm.apply(whole), 0)]
+            }
+        }
+    }
+}
+
+/// The proxy task as the shared epoch loop runs it.
+struct ProxyTraining<'a> {
+    p: &'a Params,
+    net: &'a Net,
+    dev: &'a candle_core::Device,
+    samples: Arc<Samples>,
+    /// Right answers this epoch (not for `contrastive`).
+    correct: usize,
+}
+
+impl Step for ProxyTraining<'_> {
+    type History = History;
+
+    fn batches(&self, epoch: usize) -> crate::data::loader::Batches {
+        let samples = self.samples.clone();
+        loader::epoch(
+            samples.train.len(),
+            self.p.batch,
+            true,
+            false,
+            self.p.seed,
+            epoch as u64,
+            self.p.img_size,
+            move |i, rng| samples.of(i, rng),
+        )
+    }
+
+    fn loss(&mut self, b: &Batch, _: usize, _: usize, rng: &mut Rng) -> Result<Tensor> {
+        let (x, y) = batch_tensors(b, self.dev)?;
+        let logits = self.net.logits(&x, Some(rng), &mut Taps::none())?;
+        Ok(match self.p.task {
+            ProxyKind::Contrastive => nt_xent(&logits, self.p.temperature)?,
+            _ => {
+                let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+                self.correct += pred.iter().zip(&b.y).filter(|(a, b)| a == b).count();
+                cross_entropy(&logits, &y, 0.0)?
+            }
+        })
+    }
+
+    fn end_epoch(
+        &mut self,
+        epoch: usize,
+        done: &EpochDone,
+        h: &mut History,
+        ctx: &StageCtx,
+    ) -> Result<()> {
+        h.loss.push(done.mean_loss);
+        h.accuracy
+            .push(std::mem::take(&mut self.correct) as f64 / done.images.max(1) as f64);
+        ctx.log(&format!(
+            "epoch {} loss {:.4} proxy accuracy {:.3}",
+            epoch + 1,
+            h.loss[epoch],
+            h.accuracy[epoch]
+        ));
+        Ok(())
+    }
+}
+
 /// NT-Xent over 2N embeddings laid out as pairs (2i, 2i+1).
 fn nt_xent(z: &Tensor, temperature: f64) -> Result<Tensor> {
     let n2 = z.dim(0)?;
@@ -281,9 +390,6 @@ impl Task for Proxy {
                 lars: false,
             },
         );
-        let sched = schedule(scaled_lr(p.blr, p.batch), 1e-6, p.warmup_epochs, p.epochs);
-        let (start, mut h) =
-            super::fit::resume::<History>(ctx, &net.params, &mut opt)?.unwrap_or_default();
         let strong = TrainAug {
             crop_scale: if p.task == ProxyKind::Rotation || p.task == ProxyKind::Jigsaw {
                 p.crop_scale
@@ -295,97 +401,31 @@ impl Task for Proxy {
             randaug: matches!(p.task, ProxyKind::Exemplar | ProxyKind::Contrastive)
                 .then_some((2, 9.0)),
         };
-        let d = Arc::new(set.decoded.clone());
-        let steps = train.len().div_ceil(p.batch);
-        for epoch in start..p.epochs {
-            let (dd, t, size, task, perms) =
-                (d.clone(), train.clone(), p.img_size, p.task, perms.clone());
-            let jitter = p.jigsaw_jitter;
-            let rx = loader::epoch(
-                train.len(),
-                p.batch,
-                true,
-                false,
-                p.seed,
-                epoch as u64,
-                size,
-                move |i, rng| {
-                    let v = loader::view(&dd, t[i], size, Some(&strong), rng);
-                    match task {
-                        ProxyKind::Rotation => (0..4)
-                            .map(|k| (norm.apply(rotate90(&v, k)), k as u32))
-                            .collect(),
-                        ProxyKind::Jigsaw => {
-                            let which = rng.below(perms.len());
-                            let tile = size / 3;
-                            let tiles = jigsaw_tiles(&v, 3, tile, jitter, rng);
-                            let mut img = Grey {
-                                size,
-                                px: vec![0.0; size * size],
-                            };
-                            for (slot, &src) in perms[which].iter().enumerate() {
-                                let (oy, ox) = ((slot / 3) * tile, (slot % 3) * tile);
-                                for y in 0..tile {
-                                    for x in 0..tile {
-                                        img.px[(oy + y) * size + ox + x] =
-                                            tiles[src].px[y * tile + x];
-                                    }
-                                }
-                            }
-                            vec![(norm.apply(img), which as u32)]
-                        }
-                        ProxyKind::Exemplar => vec![(norm.apply(v), i as u32)],
-                        ProxyKind::Contrastive => {
-                            let w = loader::view(&dd, t[i], size, Some(&strong), rng);
-                            vec![
-                                (norm.apply(v), 0),
-                                (
-                                    norm.apply(crop_resize(
-                                        &w,
-                                        0.0,
-                                        0.0,
-                                        size as f32,
-                                        size as f32,
-                                        size,
-                                    )),
-                                    0,
-                                ),
-                            ]
-                        }
-                    }
-                },
-            );
-            let mut epoch_loss = EpochLoss::new(epoch, p.epochs, steps);
-            let mut correct = 0usize;
-            let mut rng = Rng::stream(p.seed, epoch as u64, 0x9B0C);
-            for (step, b) in rx.enumerate() {
-                super::fit::check_cancelled(ctx, epoch)?;
-                let (x, y) = batch_tensors(&b, &dev)?;
-                let logits = net.logits(&x, Some(&mut rng), &mut Taps::none())?;
-                let loss = match p.task {
-                    ProxyKind::Contrastive => nt_xent(&logits, p.temperature)?,
-                    _ => {
-                        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-                        correct += pred.iter().zip(&b.y).filter(|(a, b)| a == b).count();
-                        cross_entropy(&logits, &y, 0.0)?
-                    }
-                };
-                let value = finite(scalar(&loss)?, epoch, step, &b.x, &net.params)?;
-                let grads = loss.backward()?;
-                opt.step(&grads, sched.lr(epoch as f64 + step as f64 / steps as f64))?;
-                epoch_loss.add(ctx, step, value, b.n);
-            }
-            h.loss.push(epoch_loss.mean());
-            h.accuracy
-                .push(correct as f64 / epoch_loss.images().max(1) as f64);
-            ctx.log(&format!(
-                "epoch {} loss {:.4} proxy accuracy {:.3}",
-                epoch + 1,
-                h.loss[epoch],
-                h.accuracy[epoch]
-            ));
-            save_checkpoint(&ctx.checkpoint_dir, &net.params, &opt, &h, epoch + 1)?;
-        }
+        let plan = Schedule {
+            epochs: p.epochs,
+            steps_per_epoch: train.len().div_ceil(p.batch),
+            lr: schedule(scaled_lr(p.blr, p.batch), 1e-6, p.warmup_epochs, p.epochs),
+            clip_grad: None,
+            seed: p.seed,
+            stream: 0x9B0C,
+        };
+        let mut kind = ProxyTraining {
+            p,
+            net: &net,
+            dev: &dev,
+            samples: Arc::new(Samples {
+                decoded: set.decoded.clone(),
+                train: train.clone(),
+                norm,
+                aug: strong,
+                perms: perms.clone(),
+                task: p.task,
+                size: p.img_size,
+                jitter: p.jigsaw_jitter,
+            }),
+            correct: 0,
+        };
+        let h = run_epochs(&mut kind, &plan, &net.params, &mut opt, ctx)?;
         net.save_encoder(&ctx.out_dir.join("encoder.safetensors"))?;
         Ok(
             json!({ "task": p.task, "loss": h.loss, "proxy_accuracy": if p.task == ProxyKind::Contrastive { Value::Null } else { json!(h.accuracy) }, "images": train.len() }),

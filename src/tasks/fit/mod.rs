@@ -1,6 +1,11 @@
 //! Training plumbing shared by the stage kinds: labelled image sets, optimiser groups, the
 //! per-epoch loop with atomic checkpoints that a restarted attempt resumes from.
 
+pub mod checkpoint;
+mod epochs;
+
+pub use epochs::{run_epochs, EpochDone, Schedule, Step};
+
 use crate::data::decode::{decode_all, Decoded, OnBadImage};
 use crate::data::loader::{Batch, Normalize};
 use crate::data::source::{self, Dataset, Split};
@@ -12,9 +17,7 @@ use crate::train::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::train::schedule::WarmupCosine;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 
 /// A decoded data input with its splits.
 pub struct ImageSet {
@@ -339,7 +342,7 @@ impl Optim {
     }
 
     /// (name, tensors, step) of the optimiser's state, for checkpoints.
-    fn state(&self) -> Vec<(String, Vec<Tensor>, u64)> {
+    pub(super) fn state(&self) -> Vec<(String, Vec<Tensor>, u64)> {
         match self {
             Optim::AdamW(o) => o
                 .state
@@ -354,7 +357,7 @@ impl Optim {
         }
     }
 
-    fn restore(&mut self, name: &str, tensors: Vec<Tensor>, step: u64) {
+    pub(super) fn restore(&mut self, name: &str, tensors: Vec<Tensor>, step: u64) {
         match (self, tensors.as_slice()) {
             (Optim::AdamW(o), [m, v]) => {
                 o.state
@@ -368,210 +371,8 @@ impl Optim {
     }
 }
 
-/// Saves model, optimiser state and loop state after an epoch. The JSON is written last and names
-/// the tensor file, so a kill between the two leaves the previous checkpoint valid.
-pub fn save_checkpoint<S: Serialize>(
-    dir: &Path,
-    params: &ParamStore,
-    opt: &Optim,
-    state: &S,
-    epoch: usize,
-) -> Result<()> {
-    let mut tensors: HashMap<String, Tensor> = params
-        .named()
-        .into_iter()
-        .map(|(n, v)| (format!("param.{n}"), v.as_tensor().clone()))
-        .collect();
-    let mut steps = BTreeMap::new();
-    for (name, state, t) in opt.state() {
-        for (k, tensor) in state.into_iter().enumerate() {
-            tensors.insert(format!("opt{k}.{name}"), tensor);
-        }
-        steps.insert(name, t);
-    }
-    let file = format!("epoch-{epoch}.safetensors");
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    candle_core::safetensors::save(&tensors, tmp.path())?;
-    tmp.persist(dir.join(&file))?;
-    let meta =
-        serde_json::json!({ "epoch": epoch, "tensors": file, "steps": steps, "state": state });
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    std::fs::write(tmp.path(), serde_json::to_vec_pretty(&meta)?)?;
-    tmp.persist(dir.join("checkpoint.json"))?;
-    for e in std::fs::read_dir(dir)?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("epoch-") && name != file {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    Ok(())
-}
-
-/// Restores the stage's last checkpoint, if any: (epochs done, loop state). A checkpoint that
-/// cannot be read (cut short by a full disk, damaged) is not retried forever: it is removed with
-/// a warning and the stage starts over, from untouched weights ([`load_checkpoint`] checks the
-/// whole checkpoint before it sets anything).
-pub fn resume<S: DeserializeOwned>(
-    ctx: &StageCtx,
-    params: &ParamStore,
-    opt: &mut Optim,
-) -> Result<Option<(usize, S)>> {
-    match load_checkpoint(&ctx.checkpoint_dir, params, opt) {
-        Ok(found) => Ok(found),
-        Err(e) => {
-            ctx.log(&format!(
-                "warning: the checkpoint in {} is unreadable ({e:#}); starting this stage over",
-                ctx.checkpoint_dir.display()
-            ));
-            for entry in std::fs::read_dir(&ctx.checkpoint_dir)?.flatten() {
-                std::fs::remove_file(entry.path())?;
-            }
-            Ok(None)
-        }
-    }
-}
-
-/// Restores the last checkpoint, if any: (epochs done, loop state).
-pub fn load_checkpoint<S: DeserializeOwned>(
-    dir: &Path,
-    params: &ParamStore,
-    opt: &mut Optim,
-) -> Result<Option<(usize, S)>> {
-    let meta_path = dir.join("checkpoint.json");
-    let Ok(text) = std::fs::read_to_string(&meta_path) else {
-        return Ok(None);
-    };
-    let meta: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is corrupt", meta_path.display()))?;
-    let file = dir.join(
-        meta["tensors"]
-            .as_str()
-            .context("checkpoint names no tensor file")?,
-    );
-    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
-        .with_context(|| format!("reading {}", file.display()))?;
-    let state: S = serde_json::from_value(meta["state"].clone())
-        .with_context(|| format!("{}: the loop state does not parse", meta_path.display()))?;
-    let params_only: HashMap<String, Tensor> = tensors
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_owned(), v.clone())))
-        .collect();
-    // Everything is checked before anything is set: a failed resume leaves the model as built.
-    for (name, var) in params.named() {
-        if params_only.get(&name).map(|t| t.dims()) != Some(var.dims()) {
-            bail!(
-                "checkpoint {} does not fit this model at `{name}`",
-                file.display()
-            );
-        }
-    }
-    params.load_tensors(&params_only, |_| false)?;
-    for (name, step) in meta["steps"].as_object().into_iter().flatten() {
-        let state: Vec<Tensor> = (0..)
-            .map_while(|k| tensors.get(&format!("opt{k}.{name}")).cloned())
-            .collect();
-        opt.restore(name, state, step.as_u64().unwrap_or(0));
-    }
-    Ok(Some((meta["epoch"].as_u64().unwrap_or(0) as usize, state)))
-}
-
 pub fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
-}
-
-/// An epoch's training loss, averaged over images as batches come, and shown as the stage's
-/// progress (`epoch 3/20 loss 0.8123`): one place for what every training kind reports.
-pub struct EpochLoss {
-    epoch: usize,
-    epochs: usize,
-    steps: usize,
-    sum: f64,
-    images: usize,
-}
-
-impl EpochLoss {
-    /// `epoch` counts from 0; `steps` is the number of batches in an epoch.
-    pub fn new(epoch: usize, epochs: usize, steps: usize) -> EpochLoss {
-        EpochLoss {
-            epoch,
-            epochs,
-            steps,
-            sum: 0.0,
-            images: 0,
-        }
-    }
-
-    /// Adds batch `step`'s mean loss over its `n` images and reports progress.
-    pub fn add(&mut self, ctx: &StageCtx, step: usize, loss: f64, n: usize) {
-        self.sum += loss * n as f64;
-        self.images += n;
-        ctx.report(
-            (self.epoch * self.steps + step + 1) as u64,
-            (self.epochs * self.steps) as u64,
-            format!(
-                "epoch {}/{} loss {:.4}",
-                self.epoch + 1,
-                self.epochs,
-                self.sum / self.images as f64
-            ),
-        );
-    }
-
-    pub fn images(&self) -> usize {
-        self.images
-    }
-
-    /// The epoch's mean loss (0 for an epoch without images).
-    pub fn mean(&self) -> f64 {
-        self.sum / self.images.max(1) as f64
-    }
-}
-
-/// Ends a training stage that was cancelled (SIGINT / SIGTERM to pretext): at a step boundary,
-/// keeping the checkpoint of the last whole epoch, which the next attempt resumes from.
-pub fn check_cancelled(ctx: &StageCtx, epoch: usize) -> Result<()> {
-    if ctx.cancelled() {
-        bail!(
-            "interrupted during epoch {}; the checkpoint after epoch {epoch} is kept and the next run resumes from it",
-            epoch + 1
-        );
-    }
-    Ok(())
-}
-
-/// Stops training on a non-finite loss, naming where and the likely cause: pixels that are not
-/// numbers, weights that are not (an `init` checkpoint holding NaN), or else the step size.
-pub fn finite(
-    loss: f64,
-    epoch: usize,
-    step: usize,
-    batch: &[f32],
-    params: &ParamStore,
-) -> Result<f64> {
-    if loss.is_finite() {
-        return Ok(loss);
-    }
-    let at = format!("the loss became {loss} at epoch {}, step {step}", epoch + 1);
-    if batch.iter().any(|v| !v.is_finite()) {
-        bail!("{at}: the batch holds pixels that are not numbers (an image with no contrast normalised by a standard deviation of 0?)");
-    }
-    let bad: Vec<String> = params
-        .named()
-        .into_iter()
-        .filter(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_dtype(candle_core::DType::F32))
-                .and_then(|t| t.to_vec1::<f32>())
-                .is_ok_and(|v| v.iter().any(|x| !x.is_finite()))
-        })
-        .map(|(n, _)| n)
-        .take(5)
-        .collect();
-    if !bad.is_empty() {
-        bail!("{at}: weights are not finite ({}); if this stage starts from an `init` checkpoint, check it", bad.join(", "));
-    }
-    bail!("{at}: lower the learning rate (`lr`, `blr`) or set `clip_grad`")
 }
 
 #[cfg(test)]
