@@ -1,4 +1,4 @@
-//! Differentiable building blocks that candle 0.11 lacks or gets wrong (see candle.md): its fused
+//! Differentiable building blocks that candle 0.11 lacks or gets wrong: its fused
 //! LayerNorm and `softmax_last_dim` have no backward, its max-pool backward is wrong for
 //! kernel == stride and missing for 3x3/2. LayerNorm, softmax and GELU run as the fused kernels
 //! of [`super::fused`] on f32 CPU tensors and as compositions of differentiable candle ops
