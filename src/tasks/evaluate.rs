@@ -3,7 +3,7 @@
 //! the data has studies or patients, and bootstrap 95% confidence intervals. Predictions per image
 //! go to `predictions.csv`.
 
-use super::finetune::{argmax, evaluate_split};
+use super::fit::scores::{argmax, score};
 use super::fit::{ImageSet, SetSpec};
 use super::net::ModelCard;
 use crate::data::decode::OnBadImage;
@@ -89,7 +89,7 @@ impl Task for Evaluate {
             .require(Split::Test, "add rows with split=test to labels.csv")?
             .to_vec();
         let k = card.classes.len();
-        let (_, _, _, probs) = evaluate_split(
+        let probs = score(
             &net,
             &set,
             &test,
@@ -99,7 +99,8 @@ impl Task for Evaluate {
                 std: card.std,
             },
             k,
-        )?;
+        )?
+        .probs;
         let truth: Vec<usize> = test
             .iter()
             .map(|&i| set.label(i).map(|l| l as usize))

@@ -4,22 +4,22 @@
 //! encoder (`init`), or from an ImageNet checkpoint file (`imagenet`). The checkpoint kept is the
 //! best on a validation split carved from train (grouped, stratified, seeded): never the test split.
 
+use super::fit::scores::score;
 use super::fit::{
-    batch_tensors, run_epochs, scalar, schedule, store_size, EpochDone, ImageSet, OptimSpec,
-    Schedule, SetSpec, Step, TrainingPlan,
+    batch_tensors, run_epochs, schedule, store_size, EpochDone, ImageSet, OptimSpec, Schedule,
+    SetSpec, Step, TrainingPlan,
 };
 use super::net::{ModelCard, Net, NetDesc, Preprocess};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Batch, Normalize, TrainAug};
 use crate::data::source::Split;
-use crate::nn::ops::{cross_entropy, weighted_cross_entropy, WeightInit};
+use crate::nn::ops::{weighted_cross_entropy, WeightInit};
 use crate::nn::tap::Taps;
 use crate::rng::Rng;
 use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
-use crate::train::metrics::{accuracy, roc_auc_per_class};
 use crate::train::schedule::scaled_lr;
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -312,74 +312,12 @@ struct History {
     val_loss: Vec<f64>,
     val_accuracy: Vec<f64>,
     val_auc: Vec<Option<f64>>,
+    /// Per epoch, the one-vs-rest AUC of each class on validation.
+    #[serde(default)]
+    val_auc_per_class: Vec<Vec<Option<f64>>>,
     lr: Vec<f64>,
     best_epoch: usize,
     best_score: Option<(f64, f64)>,
-}
-
-/// Validation loss, accuracy and mean one-vs-rest AUC of `net` on `positions`.
-pub fn evaluate_split(
-    net: &Net,
-    set: &ImageSet,
-    positions: &[usize],
-    size: usize,
-    norm: Normalize,
-    classes: usize,
-) -> Result<(f64, f64, Option<f64>, Vec<Vec<f64>>)> {
-    let dev = net.device().clone();
-    let (mut loss_sum, mut probs, mut truth) = (0.0, Vec::new(), Vec::new());
-    let d = Arc::new(set.decoded.clone());
-    let labels: Vec<u32> = positions
-        .iter()
-        .map(|&p| set.label(p))
-        .collect::<Result<_>>()?;
-    let (pos, lab) = (positions.to_vec(), labels.clone());
-    let rx = loader::epoch(
-        positions.len(),
-        64,
-        false,
-        false,
-        0,
-        0,
-        size,
-        move |i, _| vec![(norm.apply(loader::resized(&d, pos[i], size)), lab[i])],
-    );
-    for b in rx {
-        let (x, y) = batch_tensors(&b, &dev)?;
-        let logits = net.logits(&x, None, &mut Taps::none())?;
-        loss_sum += scalar(&cross_entropy(&logits, &y, 0.0)?)? * b.n as f64;
-        let p: Vec<Vec<f32>> = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2()?;
-        probs.extend(
-            p.into_iter()
-                .map(|r| r.into_iter().map(f64::from).collect::<Vec<f64>>()),
-        );
-        truth.extend(b.y.iter().map(|&v| v as usize));
-    }
-    let pred: Vec<usize> = probs.iter().map(|r| argmax(r)).collect();
-    let onehot: Vec<Vec<bool>> = truth
-        .iter()
-        .map(|&t| (0..classes).map(|c| c == t).collect())
-        .collect();
-    let (_, auc) = roc_auc_per_class(&onehot, &probs);
-    Ok((
-        loss_sum / positions.len().max(1) as f64,
-        accuracy(&truth, &pred),
-        auc,
-        probs,
-    ))
-}
-
-pub fn argmax(r: &[f64]) -> usize {
-    r.iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
 }
 
 impl Task for Finetune {
@@ -642,7 +580,7 @@ impl Task for Finetune {
             "init": init_note, "mode": p.mode, "classes": classes, "train_images": train.len(), "val_images": val.len(),
             "peak_lr": peak_lr, "layer_decay": layer_decay, "steps_per_epoch": steps, "total_steps": steps * p.epochs,
             "best_epoch": h.best_epoch, "select": p.select, "train_loss": h.train_loss, "val_loss": h.val_loss,
-            "val_accuracy": h.val_accuracy, "val_auc": h.val_auc, "lr": h.lr, "skipped_images": set.decoded.skipped.len(),
+            "val_accuracy": h.val_accuracy, "val_auc": h.val_auc, "val_auc_per_class": h.val_auc_per_class, "lr": h.lr, "skipped_images": set.decoded.skipped.len(),
         }))
     }
 }
@@ -718,7 +656,7 @@ impl Step for FineTuning<'_> {
         h: &mut History,
         ctx: &StageCtx,
     ) -> Result<()> {
-        let (vl, va, vauc, _) = evaluate_split(
+        let scored = score(
             self.net,
             self.set,
             self.val,
@@ -726,10 +664,12 @@ impl Step for FineTuning<'_> {
             self.views.norm,
             self.classes,
         )?;
+        let (vl, va, vauc) = (scored.loss, scored.accuracy, scored.auc);
         h.train_loss.push(done.mean_loss);
         h.val_loss.push(vl);
         h.val_accuracy.push(va);
         h.val_auc.push(vauc);
+        h.val_auc_per_class.push(scored.auc_per_class);
         h.lr.push(done.last_lr);
         let score = self.p.select.score(va, vauc, vl);
         if h.best_score.is_none_or(|b| better(score, b)) {

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 mod epochs;
+pub mod scores;
 
 pub use epochs::{run_epochs, EpochDone, Schedule, Step};
 
