@@ -1,0 +1,555 @@
+//! 2-D convolution by im2col and GEMMs, with its backward.
+
+#[allow(unused_imports)]
+use super::*;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// 2-D convolution without bias (torchvision's ResNet and DenseNet), square kernel, as im2col
+/// and one GEMM per image; images run in parallel. Backward computes the weight's gradient with
+/// GEMMs over the same columns and the input's gradient only when the input needs one: candle's
+/// conv backward computes the image's gradient with direct loops even for the network's input.
+pub struct Conv2d {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// Sizes of one convolution.
+#[derive(Clone, Copy)]
+pub(super) struct ConvGeometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl ConvGeometry {
+    fn new(x: &[usize], w: &[usize], stride: usize, padding: usize) -> Result<ConvGeometry> {
+        let (&[b, c, h, wd], &[o, ci, k, k2]) = (x, w) else {
+            candle_core::bail!("conv2d: expected [B,C,H,W] and [O,C,K,K], got {x:?} and {w:?}");
+        };
+        if ci != c || k != k2 || h + 2 * padding < k || wd + 2 * padding < k {
+            candle_core::bail!("conv2d: input {x:?} does not fit weight {w:?}");
+        }
+        Ok(ConvGeometry {
+            b,
+            c,
+            h,
+            w: wd,
+            o,
+            k,
+            oh: (h + 2 * padding - k) / stride + 1,
+            ow: (wd + 2 * padding - k) / stride + 1,
+            stride,
+            padding,
+        })
+    }
+    /// Rows of the column matrix: C * K * K.
+    fn ckk(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    /// Output positions per image.
+    fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Images per GEMM of the weight gradient, whose inner dimension is the positions: at
+    /// 128 px ResNet's last stage has 16 per image, and a GEMM that adds one image's 16 terms
+    /// to each of dW's 2.4M entries reads and writes all of dW per image. Images side by side
+    /// make the inner dimension about `GEMM_POSITIONS` (this stage's backward: 170 -> 110 ms).
+    /// The forward and the input gradient stay per image: grouped, they measured no faster, and
+    /// the forward slower (fewer, larger tasks to share between the threads). Depends on the
+    /// shape only, so results do not depend on the thread count.
+    fn group(&self) -> usize {
+        GEMM_POSITIONS
+            .div_ceil(self.positions())
+            .clamp(1, self.b.max(1))
+    }
+    fn image_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn output_len(&self) -> usize {
+        self.o * self.positions()
+    }
+
+    /// A 1x1 convolution with stride 1 and no padding (DenseNet's bottlenecks and
+    /// transitions): its column matrix is the image itself.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
+    /// Length of one image's column matrix, none where the image serves as its own.
+    fn cols_len(&self) -> usize {
+        if self.pointwise() {
+            0
+        } else {
+            self.ckk() * self.positions()
+        }
+    }
+    /// One image's column matrix (rows `positions()` apart): the image itself for a pointwise
+    /// convolution, else `cols` filled by `im2col`.
+    fn columns<'a>(&self, image: &'a [f32], cols: &'a mut [f32]) -> &'a [f32] {
+        if self.pointwise() {
+            return image;
+        }
+        self.im2col(image, cols, self.positions());
+        cols
+    }
+
+    /// The outputs `o < outputs` whose input index `o*stride + offset - padding` lies in
+    /// `0..len`: one contiguous run, so the copies below need no test per element.
+    fn inside(&self, offset: usize, outputs: usize, len: usize) -> Range<usize> {
+        let (s, p) = (self.stride, self.padding);
+        let lo = p.saturating_sub(offset).div_ceil(s).min(outputs);
+        let hi = (len + p).saturating_sub(offset).div_ceil(s).min(outputs);
+        lo..hi.max(lo)
+    }
+
+    /// cols[(c*K + i)*K + j, oy*OW + ox] = image[c, oy*s - p + i, ox*s - p + j] (0 outside),
+    /// rows `ld` apart, so that several images' columns can sit side by side.
+    fn im2col(&self, image: &[f32], cols: &mut [f32], ld: usize) {
+        let (k, s, p, n) = (self.k, self.stride, self.padding, self.positions());
+        let shifted = s == 1 && self.ow == self.w && self.ow <= SHIFTED_ROWS_UP_TO;
+        for c in 0..self.c {
+            for i in 0..k {
+                let rows = self.inside(i, self.oh, self.h);
+                for j in 0..k {
+                    let xs = self.inside(j, self.ow, self.w);
+                    let row = &mut cols[((c * k + i) * k + j) * ld..][..n];
+                    if shifted {
+                        let plane = &image[c * self.h * self.w..][..self.h * self.w];
+                        self.shifted_row(plane, (i, j), (rows.clone(), xs), row);
+                        continue;
+                    }
+                    for (oy, out) in row.chunks_exact_mut(self.ow).enumerate() {
+                        if !rows.contains(&oy) || xs.is_empty() {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        let y = oy * s + i - p;
+                        let src = &image[(c * self.h + y) * self.w + xs.start * s + j - p..];
+                        out[..xs.start].fill(0.0);
+                        out[xs.end..].fill(0.0);
+                        let out = &mut out[xs.clone()];
+                        if s == 1 {
+                            out.copy_from_slice(&src[..out.len()]);
+                        } else {
+                            out.iter_mut()
+                                .zip(src.iter().step_by(s))
+                                .for_each(|(o, &v)| *o = v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One column row of a stride-1 convolution with as many output columns as input columns:
+    /// the plane shifted by `i - p` rows and `j - p` columns, so one copy serves all in-bounds
+    /// rows instead of one per row (see `SHIFTED_ROWS_UP_TO`). The copy wraps around the edges
+    /// (a value from the neighbouring row lands in a padding column); zeros overwrite those
+    /// after it.
+    fn shifted_row(
+        &self,
+        plane: &[f32],
+        (i, j): (usize, usize),
+        (rows, xs): (Range<usize>, Range<usize>),
+        row: &mut [f32],
+    ) {
+        let ow = self.ow;
+        if rows.is_empty() || xs.is_empty() {
+            row.fill(0.0);
+            return;
+        }
+        row[..rows.start * ow].fill(0.0);
+        row[rows.end * ow..].fill(0.0);
+        // row[d] = plane[d + i*W + j - (p*W + p)]; out-of-plane ends are padding columns.
+        let (shift, back) = (i * self.w + j, self.padding * self.w + self.padding);
+        let lo = (rows.start * ow).max(back.saturating_sub(shift));
+        let hi = (rows.end * ow).min((plane.len() + back).saturating_sub(shift));
+        row[lo..hi].copy_from_slice(&plane[lo + shift - back..][..hi - lo]);
+        for out in row[rows.start * ow..rows.end * ow].chunks_exact_mut(ow) {
+            out[..xs.start].fill(0.0);
+            out[xs.end..].fill(0.0);
+        }
+    }
+
+    /// The adjoint of `im2col`: adds each column entry back onto the pixel it came from, in the
+    /// same order as a loop over every entry would.
+    fn col2im(&self, cols: &[f32], ld: usize, image: &mut [f32]) {
+        let (k, s, p, n) = (self.k, self.stride, self.padding, self.positions());
+        for c in 0..self.c {
+            for i in 0..k {
+                let rows = self.inside(i, self.oh, self.h);
+                for j in 0..k {
+                    let xs = self.inside(j, self.ow, self.w);
+                    let row = &cols[((c * k + i) * k + j) * ld..][..n];
+                    for (oy, from) in row.chunks_exact(self.ow).enumerate() {
+                        if !rows.contains(&oy) || xs.is_empty() {
+                            continue;
+                        }
+                        let y = oy * s + i - p;
+                        let dst = &mut image[(c * self.h + y) * self.w + xs.start * s + j - p..];
+                        dst.iter_mut()
+                            .step_by(s)
+                            .zip(&from[xs.clone()])
+                            .for_each(|(d, v)| *d += v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// See `ConvGeometry::group`.
+pub(super) const GEMM_POSITIONS: usize = 256;
+
+/// Planes up to this wide build their column rows by one shifted copy (`shifted_row`): row by
+/// row, DenseNet's 4x4 and 2x2 stages copied 4 and 2 values per call into memcpy (im2col and
+/// memcpy 20% of its step's samples). DenseNet-121 step median ratio 0.95 in 5 pairs; with
+/// every width shifted 0.91, but ResNet-18 (planes of 32 and 16) then 1.03-1.04 in 14 pairs:
+/// inside the noise, on the wrong side, so wider planes keep their row copies.
+pub(super) const SHIFTED_ROWS_UP_TO: usize = 8;
+
+/// The transpose of a row-major matrix with rows of `cols` values. Blocks of 16 rows at a time,
+/// so that each write is a run of 16 and the 16 rows being read stay in L1: element by element
+/// it took 9.4-9.8 ms for ResNet's 512x4608 weight (writes 2 KiB apart), this way 4.3-5.9.
+pub(super) fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 16;
+    let rows = m.len() / cols.max(1);
+    // SAFETY: the blocks' runs cover every element of t.
+    let mut t = unsafe { unzeroed(m.len()) };
+    for (b, block) in m.chunks(BLOCK * cols.max(1)).enumerate() {
+        let n = block.len() / cols;
+        for c in 0..cols {
+            let run = &mut t[c * rows + b * BLOCK..][..n];
+            for (i, d) in run.iter_mut().enumerate() {
+                *d = block[i * cols + c];
+            }
+        }
+    }
+    t
+}
+
+/// `[images, rows, n]` to `[rows, images * n]` with rows `ld` apart: a group's gradient as
+/// its GEMM reads it.
+pub(super) fn side_by_side(images: &[f32], rows: usize, n: usize, out: &mut [f32], ld: usize) {
+    for (t, image) in images.chunks_exact(rows * n).enumerate() {
+        for (r, src) in image.chunks_exact(n).enumerate() {
+            out[r * ld + t * n..][..n].copy_from_slice(src);
+        }
+    }
+}
+
+/// dst[m x n] (rows `dst_rs` apart) = lhs * rhs, or += with `accumulate`, on the calling
+/// thread: the convolutions run their images in parallel instead.
+pub(super) fn conv_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: View,
+    rhs: View,
+) {
+    assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
+    // SAFETY: the callers pass views whose extents lie inside live slices of the right sizes;
+    // dst's extent is checked above.
+    unsafe {
+        gemm_into(
+            gemm::Parallelism::None,
+            (m, n, k),
+            dst.as_mut_ptr(),
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            rhs,
+            1.0,
+        )
+    }
+}
+
+pub(super) fn row_major(data: &[f32], cols: usize) -> View {
+    View {
+        ptr: data.as_ptr(),
+        rs: cols as isize,
+        cs: 1,
+    }
+}
+
+/// y[image] = W[O, CKK] cols(image)[CKK, N], one GEMM per image, images in parallel.
+pub(super) fn convolve(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (n, ckk) = (g.positions(), g.ckk());
+    // SAFETY (both): each image's GEMM overwrites its output whole; im2col writes every
+    // column entry (zero where the window leaves the image).
+    let mut y = unsafe { unzeroed(g.b * g.output_len()) };
+    y.par_chunks_mut(g.output_len())
+        .zip(x.par_chunks(g.image_len()))
+        .for_each_init(
+            || unsafe { unzeroed(g.cols_len()) },
+            |cols, (y, image)| {
+                let cols = row_major(g.columns(image, cols), n);
+                conv_gemm((g.o, n, ckk), y, n, false, row_major(w, ckk), cols);
+            },
+        );
+    y
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "pretext-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, self.name())?;
+        let w = slice(ws, wl, self.name())?;
+        let g = ConvGeometry::new(xl.dims(), wl.dims(), self.stride, self.padding)?;
+        let y = convolve(&g, x, w);
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dw = x.apply_op2_no_bwd(
+            &grad,
+            &Conv2dWeightGrad {
+                stride: self.stride,
+                padding: self.padding,
+                kernel: w.dim(2)?,
+            },
+        )?;
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                w,
+                &Conv2dInputGrad {
+                    stride: self.stride,
+                    padding: self.padding,
+                    input: x.dims().to_vec(),
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// dW = sum over images of g[O, N] cols[CKK, N]^T, one GEMM per group of images (see
+/// `ConvGeometry::group`; transposed for few channels, see `TRANSPOSED_DW_BELOW`), in a fixed
+/// number of batch chunks summed in order (the same result whatever the thread count).
+pub(super) struct Conv2dWeightGrad {
+    stride: usize,
+    padding: usize,
+    kernel: usize,
+}
+
+pub(super) const CONV_GRAD_CHUNKS: usize = 8;
+
+/// Below this many output channels the weight gradient is computed transposed, dW^T[CKK, O],
+/// and transposed once at the end. The `gemm` crate ran the same product 1.3-1.6x faster with
+/// a row-major output of O columns than of O rows (one thread, best of 7: ResNet's 64-channel
+/// layer1 1.89 -> 1.16 ms, DenseNet's 32-channel growth 0.40 -> 0.25 ms, the stem 2.06 -> 1.52),
+/// about even at 128 channels and 10-20% slower at 256 and 512.
+pub(super) const TRANSPOSED_DW_BELOW: usize = 128;
+
+impl CustomOp2 for Conv2dWeightGrad {
+    fn name(&self) -> &'static str {
+        "pretext-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, self.name())?;
+        let grad = slice(gs, gl, self.name())?;
+        let (c, o) = (xl.dims()[1], gl.dims()[1]);
+        let g = ConvGeometry::new(
+            xl.dims(),
+            &[o, c, self.kernel, self.kernel],
+            self.stride,
+            self.padding,
+        )?;
+        let (n, ckk, group) = (g.positions(), g.ckk(), g.group());
+        let ld = group * n;
+        let transposed = g.o < TRANSPOSED_DW_BELOW;
+        let per_chunk =
+            g.b.div_ceil(CONV_GRAD_CHUNKS)
+                .max(1)
+                .next_multiple_of(group);
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(per_chunk * g.image_len())
+            .zip(grad.par_chunks(per_chunk * g.output_len()))
+            .map(|(images, grads)| {
+                // SAFETY: the chunk's first GEMM overwrites dw whole (t == 0 does not
+                // accumulate). im2col and side_by_side write the columns of every image in the
+                // group, and the GEMMs read only those (`width`); a short last group leaves the
+                // tail of each row unread.
+                let mut dw = unsafe { unzeroed(g.o * ckk) };
+                let mut cols =
+                    unsafe { unzeroed(if group == 1 { g.cols_len() } else { ckk * ld }) };
+                let mut gathered = unsafe { unzeroed(if group == 1 { 0 } else { g.o * ld }) };
+                for (t, (images, grads)) in images
+                    .chunks(group * g.image_len())
+                    .zip(grads.chunks(group * g.output_len()))
+                    .enumerate()
+                {
+                    let (cols, gy) = if group == 1 {
+                        (
+                            row_major(g.columns(images, &mut cols), n),
+                            row_major(grads, n),
+                        )
+                    } else {
+                        for (i, image) in images.chunks(g.image_len()).enumerate() {
+                            g.im2col(image, &mut cols[i * n..], ld);
+                        }
+                        side_by_side(grads, g.o, n, &mut gathered, ld);
+                        (row_major(&cols, ld), row_major(&gathered, ld))
+                    };
+                    let width = images.len() / g.image_len() * n;
+                    if transposed {
+                        // dW^T[CKK, O] += cols[CKK, images * N] g^T[images * N, O]
+                        conv_gemm((ckk, g.o, width), &mut dw, g.o, t > 0, cols, gy.t());
+                    } else {
+                        // dW[O, CKK] += g[O, images * N] cols^T[images * N, CKK]
+                        conv_gemm((g.o, ckk, width), &mut dw, ckk, t > 0, gy, cols.t());
+                    }
+                }
+                dw
+            })
+            .collect();
+        let mut sum = vec![0f32; g.o * ckk];
+        for p in partials {
+            sum.iter_mut().zip(p).for_each(|(d, v)| *d += v);
+        }
+        let dw = if transposed {
+            transpose(&sum, g.o)
+        } else {
+            sum
+        };
+        Ok((
+            CpuStorage::F32(dw),
+            Shape::from((g.o, g.c, self.kernel, self.kernel)),
+        ))
+    }
+}
+
+/// dX, by one of two routes. A stride-1 convolution's input gradient is itself a convolution: of
+/// g with the kernel flipped in space and its in/out channels swapped, padded by K - 1 - P. That
+/// route runs GEMMs of C rows and O*K*K inner terms and needs no col2im. The other, for any
+/// stride: per image col2im(W^T[CKK, O] g[O, N]), GEMMs of C*K*K rows and only O inner terms.
+pub(super) struct Conv2dInputGrad {
+    stride: usize,
+    padding: usize,
+    input: Vec<usize>,
+}
+
+/// From this many input channels on, stride-1 input gradients take the convolution route. One
+/// thread, best of 10, `gemm` crate: ResNet-18's 3x3 shapes at 128 px ran 62-66 GFLOP/s by
+/// col2im and 83-88 as a convolution from 128 channels up; at 64 channels (layer1) the col2im
+/// route's 576-row GEMM was the faster, 84-86 against 68.
+pub(super) const INPUT_GRAD_AS_CONV_FROM: usize = 128;
+
+impl ConvGeometry {
+    /// The geometry of the input gradient as a convolution of the output gradient, where that
+    /// route applies (see `Conv2dInputGrad`).
+    fn input_grad_as_conv(&self) -> Option<ConvGeometry> {
+        let applies = self.stride == 1
+            && self.padding < self.k
+            && !self.pointwise()
+            && self.c >= INPUT_GRAD_AS_CONV_FROM;
+        if !applies {
+            return None;
+        }
+        let shape = [self.b, self.o, self.oh, self.ow];
+        ConvGeometry::new(
+            &shape,
+            &[self.c, self.o, self.k, self.k],
+            1,
+            self.k - 1 - self.padding,
+        )
+        .ok()
+    }
+}
+
+/// W[O, C, K, K] to W'[C, O, K, K] with W'[c, o, i, j] = W[o, c, K-1-i, K-1-j]: flipping both
+/// spatial axes reverses each flattened K x K block.
+pub(super) fn flip_kernel(w: &[f32], o: usize, c: usize, kk: usize) -> Vec<f32> {
+    // SAFETY: the loops write every (c, o) block.
+    let mut flipped = unsafe { unzeroed(w.len()) };
+    for (oi, per_out) in w.chunks_exact(c * kk).enumerate() {
+        for (ci, block) in per_out.chunks_exact(kk).enumerate() {
+            let dst = &mut flipped[(ci * o + oi) * kk..][..kk];
+            dst.iter_mut()
+                .zip(block.iter().rev())
+                .for_each(|(d, &v)| *d = v);
+        }
+    }
+    flipped
+}
+
+impl CustomOp2 for Conv2dInputGrad {
+    fn name(&self) -> &'static str {
+        "pretext-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let grad = slice(gs, gl, self.name())?;
+        let w = slice(ws, wl, self.name())?;
+        let g = ConvGeometry::new(&self.input, wl.dims(), self.stride, self.padding)?;
+        if let Some(as_conv) = g.input_grad_as_conv() {
+            let flipped = flip_kernel(w, g.o, g.c, g.k * g.k);
+            let dx = convolve(&as_conv, grad, &flipped);
+            return Ok((CpuStorage::F32(dx), Shape::from(self.input.clone())));
+        }
+        let (n, ckk) = (g.positions(), g.ckk());
+        // W^T as a row-major copy: read through a transposed view, gemm ran this product at
+        // 29-42 GFLOP/s on one thread, from the copy at 38-66 (best of 10, ResNet's layer3 and
+        // layer4 and DenseNet's growth shapes); the copy is once per call, the GEMMs per image.
+        let wt = transpose(w, ckk);
+        let mut dx = vec![0f32; g.b * g.image_len()];
+        dx.par_chunks_mut(g.image_len())
+            .zip(grad.par_chunks(g.output_len()))
+            .for_each_init(
+                // SAFETY: the GEMM overwrites dcols whole before col2im reads it.
+                || unsafe { unzeroed(g.cols_len()) },
+                |dcols, (image, gy)| {
+                    // dcols[CKK, N] = W^T[CKK, O] g[O, N]
+                    let (wt, gy) = (row_major(&wt, g.o), row_major(gy, n));
+                    if g.pointwise() {
+                        conv_gemm((ckk, n, g.o), image, n, false, wt, gy);
+                    } else {
+                        conv_gemm((ckk, n, g.o), dcols, n, false, wt, gy);
+                        g.col2im(dcols, n, image);
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(dx), Shape::from(self.input.clone())))
+    }
+}
