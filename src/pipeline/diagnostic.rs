@@ -4,9 +4,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// A mistake in a pipeline file. `pretext` exits with code 2 on these.
+/// A mistake in a pipeline file. `pretext` exits with code 2 on these. Boxed, so that the
+/// `Result`s of the loader stay one pointer wide on their happy path.
 #[derive(Debug, Clone)]
-pub struct SpecError {
+pub struct SpecError(Box<Located>);
+
+/// Where a [`SpecError`] is and what it says.
+#[derive(Debug, Clone)]
+pub struct Located {
     pub file: PathBuf,
     /// 1-based; `None` when the position is unknown (a missing file, say).
     pub line: Option<usize>,
@@ -17,16 +22,29 @@ pub struct SpecError {
     pub snippet: Option<String>,
 }
 
+impl std::ops::Deref for SpecError {
+    type Target = Located;
+    fn deref(&self) -> &Located {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SpecError {
+    fn deref_mut(&mut self) -> &mut Located {
+        &mut self.0
+    }
+}
+
 impl SpecError {
     pub fn new(file: &Path, message: impl Into<String>) -> Self {
-        SpecError {
+        SpecError(Box::new(Located {
             file: file.to_path_buf(),
             line: None,
             column: None,
             message: message.into(),
             help: None,
             snippet: None,
-        }
+        }))
     }
 
     pub fn at(mut self, source: &str, line: usize, column: usize) -> Self {
