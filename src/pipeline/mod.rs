@@ -2,9 +2,12 @@
 
 pub mod config;
 pub mod diagnostic;
+mod expand;
+mod graph;
 pub mod load;
 pub mod ordered;
 pub mod plan;
+mod refs;
 pub mod spec;
 pub mod vars;
 pub mod yaml;
