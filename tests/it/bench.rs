@@ -20,9 +20,11 @@ fn twin_alone() -> f64 {
     v["step_ms_median"].as_f64().unwrap()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// The fastest of several measurements: what a process gets when nothing else competes, so the
+/// comparison holds while other tests share the machine (a harness that slowed its children, by
+/// pinning, nicing or crowding them, would slow every one of them).
+fn fastest(v: impl IntoIterator<Item = f64>) -> f64 {
+    v.into_iter().fold(f64::INFINITY, f64::min)
 }
 
 #[test]
@@ -77,13 +79,12 @@ fn the_harness_alternates_fresh_processes_and_measures_a_rival_as_it_runs_alone(
     }
     assert!(v["speed_ratio_min"].as_f64() <= v["speed_ratio_median"].as_f64());
     assert!(v["load_at_start"].as_f64().is_some() && v["machine"].as_str().is_some());
-    let through = median(
+    let through = fastest(
         pairs
             .iter()
-            .map(|p| p["pytorch"]["step_ms_median"].as_f64().unwrap())
-            .collect(),
+            .map(|p| p["pytorch"]["step_ms_median"].as_f64().unwrap()),
     );
-    let alone = median(alone);
+    let alone = fastest(alone);
     assert!(
         (0.75..1.33).contains(&(through / alone)),
         "the rival took {through:.1} ms a step through the harness, {alone:.1} ms on its own"
