@@ -100,6 +100,7 @@ pub fn entry<T: Task>() -> TaskEntry {
         summary: T::SUMMARY,
         trains: T::TRAINS,
         normalize: |v| {
+            reject_unknown_keys(&v, &schemars::schema_for!(T::Params).to_value())?;
             let p: T::Params = serde_json::from_value(v).map_err(|e| e.to_string())?;
             T::check(&p)?;
             serde_json::to_value(p).map_err(|e| e.to_string())
@@ -113,6 +114,29 @@ pub fn entry<T: Task>() -> TaskEntry {
         schema: || serde_json::to_value(schemars::schema_for!(T::Params)).unwrap_or_default(),
         lint: |v| T::lint(&parse::<T>(v)),
         preflight: |v, inputs| T::preflight(&parse::<T>(v), inputs),
+    }
+}
+
+/// Where the kind's schema closes its params (`additionalProperties: false`), a key it does not
+/// list is an error worded as serde words its own (`unknown field `x`, expected one of ...`), so
+/// the planner's "did you mean" reads it. Checked here rather than with serde's
+/// `deny_unknown_fields`, which does not work beside `flatten` (the shared `Backbone` block).
+fn reject_unknown_keys(params: &Value, schema: &Value) -> std::result::Result<(), String> {
+    let (Some(given), Some(known)) = (params.as_object(), schema["properties"].as_object()) else {
+        return Ok(());
+    };
+    if schema["additionalProperties"] != Value::Bool(false) {
+        return Ok(());
+    }
+    match given.keys().find(|k| !known.contains_key(*k)) {
+        None => Ok(()),
+        Some(wrong) => {
+            let expected: Vec<String> = known.keys().map(|k| format!("`{k}`")).collect();
+            Err(format!(
+                "unknown field `{wrong}`, expected one of {}",
+                expected.join(", ")
+            ))
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use super::fit::{
     batch_tensors, run_epochs, schedule, store_size, EpochDone, ImageSet, OptimSpec, Schedule,
     SetSpec, Step, TrainingPlan,
 };
-use super::net::{ModelCard, Net, NetDesc, Preprocess};
+use super::net::{Backbone, ModelCard, Net, NetDesc, Preprocess};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Batch, Normalize, TrainAug};
 use crate::data::source::Split;
@@ -107,23 +107,11 @@ pub enum Select {
 }
 
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct Params {
-    /// The network: `vit_tiny` / `vit_small` / `vit_base`, `vit` (with `vit_dims`), `resnet18` / `resnet34` / `resnet50`, `densenet121`, `densenet` (with `densenet_dims`).
-    #[serde(default = "super::net::defaults::model")]
-    pub model: String,
-    /// [embed dim, depth, heads] for `model: vit`.
-    #[serde(default)]
-    pub vit_dims: Option<[usize; 3]>,
-    /// [growth rate, initial features, layers per block...] for `model: densenet`.
-    #[serde(default)]
-    pub densenet_dims: Option<Vec<usize>>,
-    /// Input side in pixels (square; images are stretched, not cropped, to it).
-    #[serde(default = "super::net::defaults::img_size")]
-    pub img_size: usize,
-    /// ViT patch side in pixels (must divide `img_size`); for CNN masked-image pretraining, the side of the masked squares.
-    #[serde(default = "super::net::defaults::patch")]
-    pub patch: usize,
+    /// The network (`model`, `vit_dims`, `densenet_dims`, `img_size`, `patch`).
+    #[serde(flatten)]
+    pub backbone: Backbone,
     /// `full` fine-tuning, or `linear_probe` (only the head trains).
     #[serde(default = "d_mode")]
     pub mode: Mode,
@@ -264,20 +252,15 @@ pub const PRETRAINED_LAYER_DECAY: f64 = 0.75;
 impl Params {
     /// The network this stage trains, with `classes` outputs.
     pub fn net(&self, classes: usize) -> NetDesc {
-        NetDesc {
-            arch: self.model.clone(),
-            img_size: self.img_size,
-            patch: self.patch,
-            vit_dims: self.vit_dims,
-            densenet_dims: self.densenet_dims.clone(),
-            drop_path: if self.mode == Mode::Full {
+        self.backbone.desc(
+            classes,
+            if self.mode == Mode::Full {
                 self.drop_path
             } else {
                 0.0
             },
-            num_classes: classes,
-            weight_init: self.weight_init,
-        }
+            self.weight_init,
+        )
     }
 
     /// The peak learning rate: `lr`, `blr` scaled by the batch, or the family default.
@@ -409,7 +392,7 @@ impl Task for Finetune {
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let dev = ctx.compute_device()?;
-        let store = store_size(p.img_size, p.decode_scale);
+        let store = store_size(p.backbone.img_size, p.decode_scale);
         let set = ImageSet::open(
             inputs.item("data")?,
             &SetSpec {
@@ -529,7 +512,7 @@ impl Task for Finetune {
                 labels,
                 norm,
                 aug,
-                size: p.img_size,
+                size: p.backbone.img_size,
             }),
             class_weights,
             best_file: best_file.clone(),
@@ -556,7 +539,7 @@ impl Task for Finetune {
         let python = desc.python(Preprocess {
             channels: 1,
             store,
-            size: p.img_size,
+            size: p.backbone.img_size,
             mean,
             std,
         })?;
@@ -660,7 +643,7 @@ impl Step for FineTuning<'_> {
             self.net,
             self.set,
             self.val,
-            self.p.img_size,
+            self.p.backbone.img_size,
             self.views.norm,
             self.classes,
         )?;

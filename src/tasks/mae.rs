@@ -6,7 +6,7 @@
 use super::fit::{
     run_epochs, schedule, store_size, EpochDone, ImageSet, OptimSpec, Schedule, SetSpec, Step,
 };
-use super::net::{Net, NetDesc};
+use super::net::{Backbone, Net, NetDesc};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Batch, Normalize, TrainAug};
 use crate::nn::mae::{masking_noise, plan_mask, Mae, MaeConfig, Masking};
@@ -34,25 +34,11 @@ pub enum MaskingKind {
 }
 
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct Params {
-    /// Encoder: a ViT (`vit_tiny`, `vit_small`, `vit_base`, `vit` with `vit_dims`) gets the
-    /// official MAE; a CNN (`resnet18`, `densenet121`, ...) the masked-image variant of
-    /// `nn::masked_cnn` (masked patches zeroed, pixels reconstructed by a one-layer head).
-    #[serde(default = "super::net::defaults::model")]
-    pub model: String,
-    /// [embed dim, depth, heads] for `model: vit`.
-    #[serde(default)]
-    pub vit_dims: Option<[usize; 3]>,
-    /// [growth, init_features, blocks...] for `model: densenet`.
-    #[serde(default)]
-    pub densenet_dims: Option<Vec<usize>>,
-    /// Input side in pixels (square; images are stretched, not cropped, to it).
-    #[serde(default = "super::net::defaults::img_size")]
-    pub img_size: usize,
-    /// ViT patch side in pixels (must divide `img_size`); for CNN masked-image pretraining, the side of the masked squares.
-    #[serde(default = "super::net::defaults::patch")]
-    pub patch: usize,
+    /// The network (`model`, `vit_dims`, `densenet_dims`, `img_size`, `patch`).
+    #[serde(flatten)]
+    pub backbone: Backbone,
     /// MAE decoder width.
     #[serde(default = "d_dec_dim")]
     pub decoder_dim: usize,
@@ -171,16 +157,7 @@ impl Params {
     }
 
     fn desc(&self) -> NetDesc {
-        NetDesc {
-            arch: self.model.clone(),
-            img_size: self.img_size,
-            patch: self.patch,
-            vit_dims: self.vit_dims,
-            densenet_dims: self.densenet_dims.clone(),
-            drop_path: 0.0,
-            num_classes: 0,
-            weight_init: Default::default(),
-        }
+        self.backbone.desc(0, 0.0, Default::default())
     }
 
     fn config(&self) -> Result<MaeConfig> {
@@ -200,8 +177,8 @@ impl Params {
 
 fn mae_config(v: &crate::nn::vit::VitConfig, p: &Params) -> MaeConfig {
     MaeConfig {
-        img_size: p.img_size,
-        patch_size: p.patch,
+        img_size: p.backbone.img_size,
+        patch_size: p.backbone.patch,
         in_chans: 1,
         embed_dim: v.embed_dim,
         depth: v.depth,
@@ -242,13 +219,13 @@ impl Task for MaeTask {
         within("min_lr", p.min_lr, 0.0, f64::MAX, false)?;
         within("decode_scale", p.decode_scale, 1.0, 8.0, false)?;
         crop_scale(p.crop_scale)?;
-        if p.img_size % p.patch != 0 {
+        if p.backbone.img_size % p.backbone.patch != 0 {
             return Err(format!(
                 "`img_size` {} is not a multiple of the masking `patch` {}",
-                p.img_size, p.patch
+                p.backbone.img_size, p.backbone.patch
             ));
         }
-        let patches = (p.img_size / p.patch).pow(2);
+        let patches = (p.backbone.img_size / p.backbone.patch).pow(2);
         let kept = (patches as f64 * (1.0 - p.mask_ratio)) as usize;
         if !(0.0..1.0).contains(&p.mask_ratio) || kept == 0 {
             return Err(format!(
@@ -306,7 +283,7 @@ fn pretraining_set(
     ctx: &StageCtx,
 ) -> Result<(ImageSet, Vec<usize>, Normalize)> {
     let spec = SetSpec::whole(
-        store_size(p.img_size, p.decode_scale),
+        store_size(p.backbone.img_size, p.decode_scale),
         p.max_images,
         p.on_bad_image,
     );
@@ -337,7 +314,7 @@ fn epoch_batches(
     let (d, t, size) = (
         std::sync::Arc::new(set.decoded.clone()),
         train.to_vec(),
-        p.img_size,
+        p.backbone.img_size,
     );
     loader::epoch(
         train.len(),
@@ -431,7 +408,11 @@ fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
             .broadcast_mul(&(var + 1e-6)?.sqrt()?)?
             .broadcast_add(&mean)?;
     }
-    let mask_px = mae.unpatchify(&out.mask.unsqueeze(2)?.repeat((1, 1, p.patch * p.patch))?)?;
+    let mask_px = mae.unpatchify(&out.mask.unsqueeze(2)?.repeat((
+        1,
+        1,
+        p.backbone.patch * p.backbone.patch,
+    ))?)?;
     write_panels(
         &shown,
         &mae.unpatchify(&pred)?,
@@ -444,11 +425,11 @@ fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
 
 fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
     let dev = ctx.compute_device()?;
-    if p.img_size % p.patch != 0 {
+    if p.backbone.img_size % p.backbone.patch != 0 {
         bail!(
             "img_size {} is not a multiple of the masking patch {}",
-            p.img_size,
-            p.patch
+            p.backbone.img_size,
+            p.backbone.patch
         );
     }
     let (set, train, norm) = pretraining_set(p, inputs, ctx)?;
@@ -459,31 +440,31 @@ fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
     }
     let probe = net.feature_map(
         &Tensor::zeros(
-            (1, 1, p.img_size, p.img_size),
+            (1, 1, p.backbone.img_size, p.backbone.img_size),
             candle_core::DType::F32,
             &dev,
         )?,
         None,
     )?;
     let (_, channels, side, _) = probe.dims4()?;
-    if p.img_size % side != 0 {
+    if p.backbone.img_size % side != 0 {
         bail!(
             "img_size {} is not a multiple of the feature map ({side})",
-            p.img_size
+            p.backbone.img_size
         );
     }
     let head = PixelHead::new(
         channels,
-        p.img_size / side,
+        p.backbone.img_size / side,
         net.params.var_builder(&dev).pp("decoder_pred"),
     )?;
-    let grid = p.img_size / p.patch;
+    let grid = p.backbone.img_size / p.backbone.patch;
     let len_keep = ((grid * grid) as f64 * (1.0 - p.mask_ratio)) as usize;
     let reconstruct =
         |x: &Tensor, noise: &[f32], rng: Option<&mut Rng>| -> Result<(Tensor, Tensor)> {
             let n = x.dim(0)?;
             let plan = plan_mask(noise, n, grid * grid, len_keep);
-            let mask = pixel_mask(&plan.mask, grid, p.patch, &dev)?;
+            let mask = pixel_mask(&plan.mask, grid, p.backbone.patch, &dev)?;
             let visible = x.mul(&(1.0 - &mask)?)?;
             Ok((head.forward(&net.feature_map(&visible, rng)?)?, mask))
         };
@@ -543,7 +524,7 @@ impl<F: Fn(&Tensor, usize, usize, &mut Rng) -> Result<Tensor>> Step for Pretrain
     }
 
     fn loss(&mut self, b: &Batch, epoch: usize, step: usize, rng: &mut Rng) -> Result<Tensor> {
-        let size = self.p.img_size;
+        let size = self.p.backbone.img_size;
         let x = Tensor::from_slice(&b.x, (b.n, 1, size, size), self.dev)?;
         (self.loss_of)(&x, epoch, step, rng)
     }
@@ -608,7 +589,7 @@ fn train_loop(
 
 fn summary(p: &Params, history: &History, set: &ImageSet, images: usize, norm: Normalize) -> Value {
     json!({ "loss": history.loss, "final_loss": history.loss.last(), "images": images, "mean": norm.mean, "std": norm.std,
-            "skipped_images": set.decoded.skipped.len(), "mask_ratio": p.mask_ratio, "masking": p.masking, "model": p.model })
+            "skipped_images": set.decoded.skipped.len(), "mask_ratio": p.mask_ratio, "masking": p.masking, "model": p.backbone.model })
 }
 
 /// The first `recon_images` pretraining images, normalised, as [n, 1, S, S].
@@ -622,11 +603,11 @@ fn shown_images(
     let shown: Vec<usize> = train.iter().copied().take(p.recon_images.max(1)).collect();
     let x: Vec<f32> = shown
         .iter()
-        .flat_map(|&i| norm.apply(loader::resized(&set.decoded, i, p.img_size)))
+        .flat_map(|&i| norm.apply(loader::resized(&set.decoded, i, p.backbone.img_size)))
         .collect();
     Ok(Tensor::from_vec(
         x,
-        (shown.len(), 1, p.img_size, p.img_size),
+        (shown.len(), 1, p.backbone.img_size, p.backbone.img_size),
         dev,
     )?)
 }

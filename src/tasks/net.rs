@@ -46,6 +46,45 @@ fn eight() -> usize {
     8
 }
 
+// The network fields every training kind shares (`mae`, `proxy`, `finetune`), flattened into
+// each kind's params so the YAML stays flat: `model: vit, vit_dims: [96, 4, 3], img_size: 64`.
+// (A `//` comment: schemars would give a doc comment to every params schema that flattens this.)
+// The fields' doc comments are single lines because schemars keeps their line breaks.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Backbone {
+    /// The network: `vit_tiny` / `vit_small` / `vit_base`, `vit` (with `vit_dims`), `resnet18` / `resnet34` / `resnet50`, `densenet121`, `densenet` (with `densenet_dims`).
+    #[serde(default = "defaults::model")]
+    pub model: String,
+    /// [embed dim, depth, heads] for `model: vit`.
+    #[serde(default)]
+    pub vit_dims: Option<[usize; 3]>,
+    /// [growth rate, initial features, layers per block...] for `model: densenet`.
+    #[serde(default)]
+    pub densenet_dims: Option<Vec<usize>>,
+    /// Input side in pixels (square; images are stretched, not cropped, to it).
+    #[serde(default = "defaults::img_size")]
+    pub img_size: usize,
+    /// ViT patch side in pixels (must divide `img_size`); for CNN masked-image pretraining, the side of the masked squares.
+    #[serde(default = "defaults::patch")]
+    pub patch: usize,
+}
+
+impl Backbone {
+    /// The network with `num_classes` outputs (0: features only).
+    pub fn desc(&self, num_classes: usize, drop_path: f64, weight_init: WeightInit) -> NetDesc {
+        NetDesc {
+            arch: self.model.clone(),
+            img_size: self.img_size,
+            patch: self.patch,
+            vit_dims: self.vit_dims,
+            densenet_dims: self.densenet_dims.clone(),
+            drop_path,
+            num_classes,
+            weight_init,
+        }
+    }
+}
+
 /// Serde defaults of the network fields every training kind shares (`model`, `img_size`, `patch`).
 pub mod defaults {
     pub fn model() -> String {

@@ -11,7 +11,7 @@ use super::fit::{
     batch_tensors, run_epochs, schedule, store_size, EpochDone, ImageSet, OptimSpec, Schedule,
     SetSpec, Step,
 };
-use super::net::{Net, NetDesc};
+use super::net::{Backbone, Net, NetDesc};
 use crate::data::augment::{crop_resize, jigsaw_tiles, rotate90, Grey};
 use crate::data::decode::OnBadImage;
 use crate::data::loader::{self, Batch, TrainAug};
@@ -38,25 +38,13 @@ pub enum ProxyKind {
 }
 
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct Params {
     /// `rotation`, `jigsaw`, `exemplar` or `contrastive`.
     pub task: ProxyKind,
-    /// The network: `vit_tiny` / `vit_small` / `vit_base`, `vit` (with `vit_dims`), `resnet18` / `resnet34` / `resnet50`, `densenet121`, `densenet` (with `densenet_dims`).
-    #[serde(default = "super::net::defaults::model")]
-    pub model: String,
-    /// [embed dim, depth, heads] for `model: vit`.
-    #[serde(default)]
-    pub vit_dims: Option<[usize; 3]>,
-    /// [growth rate, initial features, layers per block...] for `model: densenet`.
-    #[serde(default)]
-    pub densenet_dims: Option<Vec<usize>>,
-    /// Input side in pixels (square; images are stretched, not cropped, to it).
-    #[serde(default = "super::net::defaults::img_size")]
-    pub img_size: usize,
-    /// ViT patch side in pixels (must divide `img_size`); for CNN masked-image pretraining, the side of the masked squares.
-    #[serde(default = "super::net::defaults::patch")]
-    pub patch: usize,
+    /// The network (`model`, `vit_dims`, `densenet_dims`, `img_size`, `patch`).
+    #[serde(flatten)]
+    pub backbone: Backbone,
     /// Passes over the training images.
     #[serde(default = "d_epochs")]
     pub epochs: usize,
@@ -129,16 +117,7 @@ fn d_proj() -> usize {
 impl Params {
     /// The network this stage trains, with `outputs` outputs for the proxy head.
     fn desc(&self, outputs: usize) -> NetDesc {
-        NetDesc {
-            arch: self.model.clone(),
-            img_size: self.img_size,
-            patch: self.patch,
-            vit_dims: self.vit_dims,
-            densenet_dims: self.densenet_dims.clone(),
-            drop_path: 0.0,
-            num_classes: outputs,
-            weight_init: Default::default(),
-        }
+        self.backbone.desc(outputs, 0.0, Default::default())
     }
 }
 
@@ -240,7 +219,7 @@ impl Step for ProxyTraining<'_> {
             false,
             self.p.seed,
             epoch as u64,
-            self.p.img_size,
+            self.p.backbone.img_size,
             move |i, rng| samples.of(i, rng),
         )
     }
@@ -322,7 +301,7 @@ impl Task for Proxy {
         crop_scale(p.crop_scale)?;
         match p.task {
             ProxyKind::Jigsaw => {
-                if p.img_size < 3 * (p.jigsaw_jitter + 1) {
+                if p.backbone.img_size < 3 * (p.jigsaw_jitter + 1) {
                     return Err(format!(
                         "jigsaw needs `img_size` of at least 3 x (jitter + 1) = {} pixels",
                         3 * (p.jigsaw_jitter + 1)
@@ -352,7 +331,7 @@ impl Task for Proxy {
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let dev = ctx.compute_device()?;
         let spec = SetSpec::whole(
-            store_size(p.img_size, p.decode_scale),
+            store_size(p.backbone.img_size, p.decode_scale),
             p.max_images,
             p.on_bad_image,
         );
@@ -420,7 +399,7 @@ impl Task for Proxy {
                 aug: strong,
                 perms: perms.clone(),
                 task: p.task,
-                size: p.img_size,
+                size: p.backbone.img_size,
                 jitter: p.jigsaw_jitter,
             }),
             correct: 0,

@@ -1,6 +1,5 @@
 //! The integration tests: one binary (faster to link), one module per area.
 
-mod bench;
 mod cli_errors;
 mod datasets;
 mod fuzz;

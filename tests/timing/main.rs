@@ -1,9 +1,16 @@
 //! `pretext bench train`'s side-by-side harness: each side in its own process, alternated, and a
 //! rival measured through it runs as fast as on its own (the twin used to be measured as a child
 //! of the process that had just measured candle, about 1.4x slower than alone).
+//!
+//! A test binary of its own: cargo runs test binaries one after another, so no other test shares
+//! the machine while this one compares timings.
 
-use crate::util::Project;
+#[path = "../it/util.rs"]
+#[allow(dead_code)]
+mod util;
+
 use std::path::Path;
+use util::Project;
 
 fn busy_twin() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/data/busy_twin.py")
