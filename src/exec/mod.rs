@@ -83,19 +83,9 @@ pub fn run_plan(
 ) -> Vec<Status> {
     let journal = Journal::for_pipeline(&store.journal_dir(), &plan.file);
     let recorded = journal.latest();
-    let cached = (0..plan.stages.len())
-        .filter(|&i| {
-            selected[i]
-                && !opts.force[i]
-                && store.lookup(&plan.stages[i].kind, &keys[i].key).is_some()
-        })
-        .count();
-    let total = selected.iter().filter(|&&s| s).count();
-    sink.emit(Event::Plan {
-        stages: total,
-        cached,
-        to_run: total - cached,
-    });
+    // The hits are not settled here: the walk meets each again in `cached::execute` and reports
+    // it when it gets there (a hit below a failed stage is skipped, as before).
+    announce_plan(plan, keys, selected, &opts.force, store, sink);
 
     let runner = |i: usize, gpus: &[u32]| {
         let stage = &plan.stages[i];
@@ -138,6 +128,33 @@ pub fn run_plan(
         })
         .collect();
     scheduler::walk(&nodes, selected, &opts.walk, &runner, sink)
+}
+
+/// The pre-pass of both executors: which selected stages already have an entry (forced ones
+/// never count), announced as the run's `plan` event so the view knows how much work is ahead.
+/// Returns each hit with the seconds its entry saved.
+fn announce_plan(
+    plan: &Plan,
+    keys: &[Keyed],
+    selected: &[bool],
+    force: &[bool],
+    store: &Store,
+    sink: &dyn EventSink,
+) -> Vec<(usize, f64)> {
+    let hits: Vec<(usize, f64)> = (0..plan.stages.len())
+        .filter(|&i| selected[i] && !force[i])
+        .filter_map(|i| {
+            let entry = store.lookup(&plan.stages[i].kind, &keys[i].key)?;
+            Some((i, entry.wall_s().unwrap_or(0.0)))
+        })
+        .collect();
+    let total = selected.iter().filter(|&&s| s).count();
+    sink.emit(Event::Plan {
+        stages: total,
+        cached: hits.len(),
+        to_run: total - hits.len(),
+    });
+    hits
 }
 
 /// The events `cached::execute` leaves to its caller: a hit, or a failure.

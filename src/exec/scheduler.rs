@@ -4,7 +4,9 @@
 
 use super::cached::Outcome;
 use super::events::{Event, EventSink};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Default)]
@@ -18,7 +20,7 @@ pub struct WalkOptions {
     pub keep_going: bool,
     /// Set on SIGINT / SIGTERM: no further stage starts (running ones see it as their cancel
     /// flag and stop).
-    pub interrupted: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    pub interrupted: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +47,24 @@ impl Status {
     }
 }
 
+/// Why the stages still waiting are skipped once a stage failed without `--keep-going` (the
+/// local and the Slurm executor say the same).
+pub(super) const STOPPED: &str = "the run stopped after a failure (use --keep-going to continue)";
+
+/// Why a stage cannot run because of an upstream stage, if it cannot: the first of `deps` that
+/// failed or was skipped (the local and the Slurm executor say the same).
+pub(super) fn upstream_trouble<'a>(
+    deps: &[usize],
+    status: &[Status],
+    name: impl Fn(usize) -> &'a str,
+) -> Option<String> {
+    deps.iter().find_map(|&d| match &status[d] {
+        Status::Done(Outcome::Failed { .. }) => Some(format!("upstream `{}` failed", name(d))),
+        Status::Skipped(_) => Some(format!("upstream `{}` was skipped", name(d))),
+        _ => None,
+    })
+}
+
 /// One node: its dependencies (indices) and what it needs of the machine.
 pub struct Node<'a> {
     pub name: &'a str,
@@ -52,6 +72,9 @@ pub struct Node<'a> {
     pub gpus: u32,
     pub cpus: u32,
 }
+
+/// A stage handed to a worker, with the GPUs it was given.
+type Started = (usize, Vec<u32>);
 
 pub fn walk(
     nodes: &[Node],
@@ -61,156 +84,206 @@ pub fn walk(
     sink: &dyn EventSink,
 ) -> Vec<Status> {
     let started = Instant::now();
-    let mut status = Status::initial(selected);
-    let mut running = 0usize;
-    let mut gpus_free = opts.gpus;
-    // Which cards are taken: a stage gets particular GPUs, so two stages never share one.
-    let mut gpu_taken = vec![false; opts.gpus as usize];
-    let mut gpus_of: Vec<Vec<u32>> = vec![Vec::new(); nodes.len()];
-    let mut cpus_free = opts.cpus.max(1);
-    let cpu_need = |i: usize| nodes[i].cpus.clamp(1, opts.cpus.max(1));
-    let mut stop = false;
-    let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
-    let mut started_flags = vec![false; nodes.len()];
-    let gpu_need = |i: usize| if opts.gpus == 0 { 0 } else { nodes[i].gpus };
-    let interrupted = || {
-        opts.interrupted
-            .as_ref()
-            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
-    };
-
+    let mut books = Books::new(nodes, selected, opts);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, Outcome)>();
     // A fixed pool of `jobs` workers: the cost per stage stays flat however large the DAG is
     // (no thread per stage), and cache hits never wait for a thread to start.
-    let (job_tx, job_rx) = mpsc::channel::<(usize, Vec<u32>)>();
-    let job_rx = std::sync::Mutex::new(job_rx);
+    let (queue_tx, queue_rx) = mpsc::channel::<Started>();
+    let queue_rx = Mutex::new(queue_rx);
     std::thread::scope(|scope| {
         // More workers than stages would only be idle threads.
         for _ in 0..opts.jobs.clamp(1, nodes.len().max(1)) {
-            let (tx, job_rx) = (tx.clone(), &job_rx);
-            scope.spawn(move || loop {
-                let next = job_rx.lock().expect("job queue").recv();
-                match next {
-                    Ok((i, gpus)) => {
-                        // The cache layer turns a task's panic into a failure; this catches one
-                        // in pretext's own code, so a worker never dies with a stage running.
-                        let outcome =
-                            crate::panics::catch(|| runner(i, &gpus)).unwrap_or_else(|msg| {
-                                let error = format!("pretext panicked running this stage: {msg}");
-                                sink.emit(Event::StageFailed {
-                                    stage: nodes[i].name.to_owned(),
-                                    key: String::new(),
-                                    error: error.clone(),
-                                });
-                                Outcome::Failed { error }
-                            });
-                        if tx.send((i, outcome)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-            });
+            let (done, queue) = (done_tx.clone(), &queue_rx);
+            scope.spawn(move || work(queue, done, nodes, runner, sink));
         }
         loop {
-            // Skip what can no longer run.
-            for i in 0..nodes.len() {
-                if status[i] != Status::Pending || started_flags[i] {
-                    continue;
-                }
-                let bad = nodes[i].deps.iter().find(|&&d| {
-                    matches!(
-                        status[d],
-                        Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)
-                    )
-                });
-                if let Some(&d) = bad {
-                    let reason = match &status[d] {
-                        Status::Skipped(_) => format!("upstream `{}` was skipped", nodes[d].name),
-                        _ => format!("upstream `{}` failed", nodes[d].name),
-                    };
-                    sink.emit(Event::StageSkipped {
-                        stage: nodes[i].name.to_owned(),
-                        reason: reason.clone(),
-                    });
-                    status[i] = Status::Skipped(reason);
-                } else if stop || interrupted() {
-                    let reason = if interrupted() {
-                        "the run was interrupted".to_owned()
-                    } else {
-                        "the run stopped after a failure (use --keep-going to continue)".to_owned()
-                    };
-                    sink.emit(Event::StageSkipped {
-                        stage: nodes[i].name.to_owned(),
-                        reason: reason.clone(),
-                    });
-                    status[i] = Status::Skipped(reason);
-                } else if gpu_need(i) > opts.gpus {
-                    let reason = format!(
-                        "needs {} GPUs, this machine has {}",
-                        nodes[i].gpus, opts.gpus
-                    );
-                    status[i] = Status::Done(Outcome::Failed {
-                        error: reason.clone(),
-                    });
-                    sink.emit(Event::StageFailed {
-                        stage: nodes[i].name.to_owned(),
-                        key: String::new(),
-                        error: reason,
-                    });
-                    stop = !opts.keep_going;
-                }
-            }
-            // Start what is ready, in plan order.
-            for i in 0..nodes.len() {
-                if running >= opts.jobs.max(1) {
-                    break;
-                }
-                let ready = status[i] == Status::Pending
-                    && !started_flags[i]
-                    && nodes[i].deps.iter().all(|&d| {
-                        matches!(
-                            status[d],
-                            Status::Done(Outcome::Cached { .. } | Outcome::Ran { .. })
-                        )
-                    })
-                    && gpu_need(i) <= gpus_free
-                    && cpu_need(i) <= cpus_free;
-                if ready {
-                    started_flags[i] = true;
-                    running += 1;
-                    gpus_free -= gpu_need(i);
-                    cpus_free -= cpu_need(i);
-                    let ids: Vec<u32> = (0..gpu_taken.len())
-                        .filter(|&g| !gpu_taken[g])
-                        .take(gpu_need(i) as usize)
-                        .map(|g| g as u32)
-                        .collect();
-                    ids.iter().for_each(|&g| gpu_taken[g as usize] = true);
-                    gpus_of[i] = ids.clone();
-                    job_tx.send((i, ids)).expect("workers are alive");
-                }
-            }
-            if running == 0 {
+            books.skip_blocked(sink);
+            books.start_ready(&queue_tx);
+            if books.running == 0 {
                 break;
             }
-            let (i, outcome) = rx.recv().expect("a running stage reports");
-            running -= 1;
-            gpus_free += gpu_need(i);
-            cpus_free += cpu_need(i);
-            gpus_of[i]
-                .drain(..)
-                .for_each(|g| gpu_taken[g as usize] = false);
-            match &outcome {
-                Outcome::Failed { .. } => stop = stop || !opts.keep_going,
-                Outcome::Cached { .. } | Outcome::Ran { .. } => {}
-            }
-            status[i] = Status::Done(outcome);
+            let (i, outcome) = done_rx.recv().expect("a running stage reports");
+            books.finish(i, outcome);
         }
-        drop(job_tx);
+        // Closing the queue ends the workers.
+        drop(queue_tx);
     });
 
-    emit_run_end(&status, started, sink);
-    status
+    emit_run_end(&books.status, started, sink);
+    books.status
+}
+
+/// One worker: runs the stages it takes off the queue until the queue closes.
+fn work(
+    queue: &Mutex<Receiver<Started>>,
+    done: Sender<(usize, Outcome)>,
+    nodes: &[Node],
+    runner: &(dyn Fn(usize, &[u32]) -> Outcome + Sync),
+    sink: &dyn EventSink,
+) {
+    loop {
+        // The lock is held only while waiting for a stage, never while running one.
+        let next = queue.lock().expect("job queue").recv();
+        let Ok((i, gpus)) = next else { return };
+        // The cache layer turns a task's panic into a failure; this catches one in pretext's own
+        // code, so a worker never dies with a stage running.
+        let outcome = crate::panics::catch(|| runner(i, &gpus)).unwrap_or_else(|msg| {
+            let error = format!("pretext panicked running this stage: {msg}");
+            sink.emit(Event::StageFailed {
+                stage: nodes[i].name.to_owned(),
+                key: String::new(),
+                error: error.clone(),
+            });
+            Outcome::Failed { error }
+        });
+        if done.send((i, outcome)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The walk's books: where each stage stands and which of the machine's tokens are free.
+struct Books<'a> {
+    nodes: &'a [Node<'a>],
+    opts: &'a WalkOptions,
+    status: Vec<Status>,
+    /// Handed to a worker; its status stays `Pending` until its outcome comes back.
+    started: Vec<bool>,
+    running: usize,
+    cpus_free: u32,
+    /// Which cards are taken: a stage gets particular GPUs, so two stages never share one.
+    gpu_taken: Vec<bool>,
+    gpus_of: Vec<Vec<u32>>,
+    /// A stage failed and `keep_going` is off: nothing more starts.
+    stop: bool,
+}
+
+impl<'a> Books<'a> {
+    fn new(nodes: &'a [Node<'a>], selected: &[bool], opts: &'a WalkOptions) -> Books<'a> {
+        Books {
+            nodes,
+            opts,
+            status: Status::initial(selected),
+            started: vec![false; nodes.len()],
+            running: 0,
+            cpus_free: opts.cpus.max(1),
+            gpu_taken: vec![false; opts.gpus as usize],
+            gpus_of: vec![Vec::new(); nodes.len()],
+            stop: false,
+        }
+    }
+
+    fn cpu_need(&self, i: usize) -> u32 {
+        self.nodes[i].cpus.clamp(1, self.opts.cpus.max(1))
+    }
+
+    /// Without GPU tokens, GPU requests are ignored (see [`WalkOptions::gpus`]).
+    fn gpu_need(&self, i: usize) -> u32 {
+        if self.opts.gpus == 0 {
+            0
+        } else {
+            self.nodes[i].gpus
+        }
+    }
+
+    fn gpus_free(&self) -> u32 {
+        self.gpu_taken.iter().filter(|&&t| !t).count() as u32
+    }
+
+    fn interrupted(&self) -> bool {
+        self.opts
+            .interrupted
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    /// Settles the waiting stages that can no longer run: an upstream stage failed or was
+    /// skipped, the run stopped or was interrupted, or the stage needs more GPUs than there are.
+    fn skip_blocked(&mut self, sink: &dyn EventSink) {
+        let nodes = self.nodes;
+        for i in 0..nodes.len() {
+            if self.status[i] != Status::Pending || self.started[i] {
+                continue;
+            }
+            let trouble = upstream_trouble(nodes[i].deps, &self.status, |d| nodes[d].name);
+            let stopped = (self.stop || self.interrupted()).then(|| {
+                if self.interrupted() {
+                    "the run was interrupted".to_owned()
+                } else {
+                    STOPPED.to_owned()
+                }
+            });
+            if let Some(reason) = trouble.or(stopped) {
+                sink.emit(Event::StageSkipped {
+                    stage: nodes[i].name.to_owned(),
+                    reason: reason.clone(),
+                });
+                self.status[i] = Status::Skipped(reason);
+            } else if self.gpu_need(i) > self.opts.gpus {
+                let error = format!(
+                    "needs {} GPUs, this machine has {}",
+                    nodes[i].gpus, self.opts.gpus
+                );
+                sink.emit(Event::StageFailed {
+                    stage: nodes[i].name.to_owned(),
+                    key: String::new(),
+                    error: error.clone(),
+                });
+                self.status[i] = Status::Done(Outcome::Failed { error });
+                self.stop = !self.opts.keep_going;
+            }
+        }
+    }
+
+    /// Hands the stages whose upstream stages are done to the workers, in plan order, while
+    /// `jobs` and the CPU and GPU tokens allow.
+    fn start_ready(&mut self, queue: &Sender<Started>) {
+        for i in 0..self.nodes.len() {
+            if self.running >= self.opts.jobs.max(1) {
+                break;
+            }
+            let upstream_done = self.nodes[i].deps.iter().all(|&d| {
+                matches!(
+                    self.status[d],
+                    Status::Done(Outcome::Cached { .. } | Outcome::Ran { .. })
+                )
+            });
+            let ready = self.status[i] == Status::Pending
+                && !self.started[i]
+                && upstream_done
+                && self.gpu_need(i) <= self.gpus_free()
+                && self.cpu_need(i) <= self.cpus_free;
+            if !ready {
+                continue;
+            }
+            self.started[i] = true;
+            self.running += 1;
+            self.cpus_free -= self.cpu_need(i);
+            let cards: Vec<u32> = (0..self.gpu_taken.len())
+                .filter(|&g| !self.gpu_taken[g])
+                .take(self.gpu_need(i) as usize)
+                .map(|g| g as u32)
+                .collect();
+            for &g in &cards {
+                self.gpu_taken[g as usize] = true;
+            }
+            self.gpus_of[i] = cards.clone();
+            queue.send((i, cards)).expect("workers are alive");
+        }
+    }
+
+    /// Records a stage's outcome and gives its tokens back.
+    fn finish(&mut self, i: usize, outcome: Outcome) {
+        self.running -= 1;
+        self.cpus_free += self.cpu_need(i);
+        for g in self.gpus_of[i].drain(..) {
+            self.gpu_taken[g as usize] = false;
+        }
+        if matches!(outcome, Outcome::Failed { .. }) {
+            self.stop = self.stop || !self.opts.keep_going;
+        }
+        self.status[i] = Status::Done(outcome);
+    }
 }
 
 /// The closing event of a run, counted from the statuses (the local and the Slurm executor).
