@@ -366,9 +366,13 @@ fn outcome_of(
     match (said, entry_wall_s) {
         (Some(o @ (Outcome::Ran { .. } | Outcome::Cached { .. })), Some(_)) => o.clone(),
         (_, Some(wall_s)) => Outcome::Ran { wall_s },
-        (Some(Outcome::Failed { error }), None) => Outcome::Failed {
-            error: error.clone(),
-        },
+        // A job that Slurm ended (time limit, memory, pre-emption) was signalled, so the stage
+        // says only "interrupted": Slurm's reason is the one that tells the user what to change.
+        (Some(Outcome::Failed { error }), None) if !ended_by_slurm(&slurm.state) => {
+            Outcome::Failed {
+                error: error.clone(),
+            }
+        }
         _ => {
             let why = match slurm.state.as_str() {
                 "TIMEOUT" => {
@@ -390,6 +394,14 @@ fn outcome_of(
             }
         }
     }
+}
+
+/// Whether Slurm itself ended the job (and so its state, not the stage's message, says why).
+fn ended_by_slurm(state: &str) -> bool {
+    matches!(
+        state,
+        "TIMEOUT" | "OUT_OF_MEMORY" | "PREEMPTED" | "NODE_FAIL" | "DEADLINE"
+    )
 }
 
 /// Passes on what the job printed; remembers how the job said its stage ended.
@@ -453,5 +465,14 @@ mod tests {
             reason: "NonZeroExitCode".into(),
         };
         assert_eq!(outcome_of(Some(&said), None, &failed, "9"), said);
+        // Slurm's SIGTERM at the time limit makes the stage say "interrupted"; the time limit
+        // is what the user needs to hear.
+        let signalled = Outcome::Failed {
+            error: "interrupted: the command and every process it started were stopped".into(),
+        };
+        match outcome_of(Some(&signalled), None, &timeout, "9") {
+            Outcome::Failed { error } => assert!(error.contains("ended TIMEOUT"), "{error}"),
+            o => panic!("{o:?}"),
+        }
     }
 }
