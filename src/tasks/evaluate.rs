@@ -12,11 +12,12 @@ use crate::data::source::Split;
 use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use crate::train::metrics::{
     accuracy, bootstrap_ci, calibration, cohen_kappa, confusion, macro_f1,
-    per_class as per_class_rows, roc_auc, roc_auc_per_class, roc_curve, study_level,
+    per_class as per_class_rows, roc_auc, roc_auc_per_class, roc_curve, study_level, Calibration,
 };
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::path::Path;
 
 pub struct Evaluate;
 
@@ -113,77 +114,23 @@ impl Task for Evaluate {
         };
         let all: Vec<usize> = (0..test.len()).collect();
         let (per_class, mean_auc) = roc_auc_per_class(&onehot(&all), &probs);
-        let pick =
-            |idx: &[usize], v: &[usize]| -> Vec<usize> { idx.iter().map(|&i| v[i]).collect() };
-        let ci = |f: &dyn Fn(&[usize]) -> Option<f64>| {
-            bootstrap_ci(test.len(), p.bootstrap, p.seed, 0.05, f).map(|(lo, hi)| json!([lo, hi]))
-        };
-        let acc_ci = ci(&|idx| Some(accuracy(&pick(idx, &truth), &pick(idx, &pred))));
-        let f1_ci = ci(&|idx| Some(macro_f1(&pick(idx, &truth), &pick(idx, &pred), k)));
-        let auc_ci = ci(&|idx| {
-            let sub: Vec<Vec<f64>> = idx.iter().map(|&i| probs[i].clone()).collect();
-            roc_auc_per_class(&onehot(idx), &sub).1
-        });
+        let (acc_ci, f1_ci, auc_ci) = bootstrap_cis(p, &truth, &pred, &probs);
 
-        // Paths relative to the data folder, so the file means the same on another machine.
-        let mut csv = csv::Writer::from_path(ctx.out_dir.join("predictions.csv"))?;
-        let mut header = vec!["path".to_owned(), "label".into(), "prediction".into()];
-        header.extend(card.classes.iter().map(|c| format!("p_{c}")));
-        csv.write_record(&header)?;
-        for (j, &i) in test.iter().enumerate() {
-            let s = &set.dataset.samples[set.sample_of[i]];
-            let path = s.path.strip_prefix(&set.dataset.root).unwrap_or(&s.path);
-            let mut row = vec![
-                path.display().to_string(),
-                card.classes[truth[j]].clone(),
-                card.classes[pred[j]].clone(),
-            ];
-            row.extend(probs[j].iter().map(|v| format!("{v:.6}")));
-            csv.write_record(&row)?;
-        }
-        csv.flush()?;
-
-        // Study-level (MURA-style): mean probability of the positive class per study, binary tasks only.
-        let groups: Vec<Option<&String>> = test
-            .iter()
-            .map(|&i| set.dataset.samples[set.sample_of[i]].group.as_ref())
-            .collect();
-        let study = if k == 2 && groups.iter().all(Option::is_some) {
-            let mut ids_map = std::collections::BTreeMap::new();
-            let ids: Vec<i64> = groups
-                .iter()
-                .map(|g| {
-                    let n = ids_map.len() as i64;
-                    *ids_map.entry(g.unwrap().clone()).or_insert(n)
-                })
-                .collect();
-            let p1: Vec<f64> = probs.iter().map(|r| r[1]).collect();
-            let (_, _, sp, sl) = study_level(&ids, &p1, &truth);
-            let spred: Vec<usize> = sp.iter().map(|&v| (v >= 0.5) as usize).collect();
-            let sb: Vec<bool> = sl.iter().map(|&l| l == 1).collect();
-            Some(
-                json!({ "studies": sp.len(), "accuracy": accuracy(&sl, &spred), "kappa": cohen_kappa(&sl, &spred, 2), "auc": roc_auc(&sb, &sp) }),
-            )
-        } else {
-            None
-        };
+        write_predictions(
+            &ctx.out_dir,
+            &set,
+            &test,
+            &card.classes,
+            &truth,
+            &pred,
+            &probs,
+        )?;
+        let study = study_metrics(&set, &test, &probs, &truth);
         let matrix = confusion(&truth, &pred, k);
         let correct: Vec<bool> = truth.iter().zip(&pred).map(|(t, p)| t == p).collect();
         let confidence: Vec<f64> = probs.iter().zip(&pred).map(|(r, &c)| r[c]).collect();
         let calibration = calibration(&confidence, &correct, 10);
-        let roc: Vec<Vec<(f64, f64)>> = (0..k)
-            .map(|c| {
-                let labels: Vec<bool> = truth.iter().map(|&t| t == c).collect();
-                let scores: Vec<f64> = probs.iter().map(|r| r[c]).collect();
-                roc_curve(&labels, &scores)
-            })
-            .collect();
-        std::fs::write(
-            ctx.out_dir.join("curves.json"),
-            serde_json::to_vec(
-                &json!({ "classes": card.classes, "roc": roc, "calibration": calibration }),
-            )?,
-        )?;
+        write_curves(&ctx.out_dir, &card.classes, &truth, &probs, &calibration)?;
         let metrics = json!({
             "test_images": test.len(), "classes": card.classes, "best_epoch": card.best_epoch,
             "label_fraction": card.label_fraction,
@@ -203,6 +150,113 @@ impl Task for Evaluate {
         ));
         Ok(metrics)
     }
+}
+
+/// 95% bootstrap intervals (over test images) of accuracy, macro-F1 and mean AUC.
+fn bootstrap_cis(
+    p: &Params,
+    truth: &[usize],
+    pred: &[usize],
+    probs: &[Vec<f64>],
+) -> (Option<Value>, Option<Value>, Option<Value>) {
+    let k = probs.first().map_or(0, Vec::len);
+    let pick = |idx: &[usize], v: &[usize]| -> Vec<usize> { idx.iter().map(|&i| v[i]).collect() };
+    let onehot = |idx: &[usize]| -> Vec<Vec<bool>> {
+        idx.iter()
+            .map(|&i| (0..k).map(|c| c == truth[i]).collect())
+            .collect()
+    };
+    let ci = |f: &dyn Fn(&[usize]) -> Option<f64>| {
+        bootstrap_ci(truth.len(), p.bootstrap, p.seed, 0.05, f).map(|(lo, hi)| json!([lo, hi]))
+    };
+    let acc = ci(&|idx| Some(accuracy(&pick(idx, truth), &pick(idx, pred))));
+    let f1 = ci(&|idx| Some(macro_f1(&pick(idx, truth), &pick(idx, pred), k)));
+    let auc = ci(&|idx| {
+        let sub: Vec<Vec<f64>> = idx.iter().map(|&i| probs[i].clone()).collect();
+        roc_auc_per_class(&onehot(idx), &sub).1
+    });
+    (acc, f1, auc)
+}
+
+/// `predictions.csv`: one row per test image, its path relative to the data folder (so the file
+/// means the same on another machine), label, prediction and class probabilities.
+fn write_predictions(
+    out_dir: &Path,
+    set: &ImageSet,
+    test: &[usize],
+    classes: &[String],
+    truth: &[usize],
+    pred: &[usize],
+    probs: &[Vec<f64>],
+) -> Result<()> {
+    let mut csv = csv::Writer::from_path(out_dir.join("predictions.csv"))?;
+    let mut header = vec!["path".to_owned(), "label".into(), "prediction".into()];
+    header.extend(classes.iter().map(|c| format!("p_{c}")));
+    csv.write_record(&header)?;
+    for (j, &i) in test.iter().enumerate() {
+        let s = &set.dataset.samples[set.sample_of[i]];
+        let path = s.path.strip_prefix(&set.dataset.root).unwrap_or(&s.path);
+        let mut row = vec![
+            path.display().to_string(),
+            classes[truth[j]].clone(),
+            classes[pred[j]].clone(),
+        ];
+        row.extend(probs[j].iter().map(|v| format!("{v:.6}")));
+        csv.write_record(&row)?;
+    }
+    csv.flush()?;
+    Ok(())
+}
+
+/// Study-level scores (MURA-style: the mean probability of the positive class over a study's
+/// images), for binary tasks whose test rows all name a study or patient.
+fn study_metrics(
+    set: &ImageSet,
+    test: &[usize],
+    probs: &[Vec<f64>],
+    truth: &[usize],
+) -> Option<Value> {
+    let groups: Option<Vec<&String>> = test
+        .iter()
+        .map(|&i| set.dataset.samples[set.sample_of[i]].group.as_ref())
+        .collect();
+    let groups = groups.filter(|_| probs.first().is_some_and(|r| r.len() == 2))?;
+    let mut ids_map = std::collections::BTreeMap::new();
+    let ids: Vec<i64> = groups
+        .iter()
+        .map(|g| {
+            let n = ids_map.len() as i64;
+            *ids_map.entry(*g).or_insert(n)
+        })
+        .collect();
+    let p1: Vec<f64> = probs.iter().map(|r| r[1]).collect();
+    let (_, _, sp, sl) = study_level(&ids, &p1, truth);
+    let spred: Vec<usize> = sp.iter().map(|&v| (v >= 0.5) as usize).collect();
+    let sb: Vec<bool> = sl.iter().map(|&l| l == 1).collect();
+    Some(json!({
+        "studies": sp.len(), "accuracy": accuracy(&sl, &spred),
+        "kappa": cohen_kappa(&sl, &spred, 2), "auc": roc_auc(&sb, &sp),
+    }))
+}
+
+/// `curves.json`: each class's ROC curve and the reliability diagram, which the report draws.
+fn write_curves(
+    out_dir: &Path,
+    classes: &[String],
+    truth: &[usize],
+    probs: &[Vec<f64>],
+    calibration: &Calibration,
+) -> Result<()> {
+    let roc: Vec<Vec<(f64, f64)>> = (0..classes.len())
+        .map(|c| {
+            let labels: Vec<bool> = truth.iter().map(|&t| t == c).collect();
+            let scores: Vec<f64> = probs.iter().map(|r| r[c]).collect();
+            roc_curve(&labels, &scores)
+        })
+        .collect();
+    let curves = json!({ "classes": classes, "roc": roc, "calibration": calibration });
+    std::fs::write(out_dir.join("curves.json"), serde_json::to_vec(&curves)?)?;
+    Ok(())
 }
 
 /// Accuracy of always answering the most frequent test class.

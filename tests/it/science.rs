@@ -257,13 +257,14 @@ fn every_kind_runs_on_real_xrays_and_reruns_only_downstream() {
             first[0], whole[0],
             "maps.csv and boxes.csv list the same first image"
         );
-        let empty_map = first[4] == "0.00000" && first[6] == "0.00000";
-        let expect = if empty_map {
-            ("0", "0.00000")
-        } else {
-            ("1", "1.00000")
-        };
-        assert_eq!((whole[7], whole[9]), expect, "{backbone}: {rows}\n{maps}");
+        let num = |s: &str| s.parse::<f64>().unwrap();
+        let empty_map = num(first[4]) == 0.0 && num(first[6]) == 0.0;
+        let expect = if empty_map { ("0", 0.0) } else { ("1", 1.0) };
+        assert_eq!(whole[7], expect.0, "{backbone}: {rows}\n{maps}");
+        assert!(
+            (num(whole[9]) - expect.1).abs() < 1e-6,
+            "{backbone}: {rows}\n{maps}"
+        );
         non_empty_whole_box |= !empty_map;
         let ft = entry_metrics(&p, &format!("ft@{backbone}"));
         assert!(ft["manifest"]["metrics"]["train_loss"][0]

@@ -13,7 +13,12 @@
 //! the share of the map's energy inside the box; the random-weights maps give the chance level.
 //! Per box in `boxes.csv` (written only with a `boxes` input), summarised in the metrics.
 
+mod boxes;
 mod gallery;
+mod maps;
+mod stats;
+
+pub use stats::{box_stats, map_stats, BoxStats, MapStats};
 
 /// CSS colours of the maps' colour map from 0 to 1 (for a report's colour bar).
 pub fn colour_stops(stops: usize) -> Vec<String> {
@@ -23,21 +28,20 @@ pub fn colour_stops(stops: usize) -> Vec<String> {
 use super::fit::{ImageSet, SetSpec};
 use super::net::{ModelCard, Net};
 use crate::data::decode::OnBadImage;
-use crate::data::formats::FindingBox;
 use crate::data::loader;
 use crate::data::loader::Normalize;
 use crate::data::source::Split;
-use crate::nn::gradcam::{grad_cam, CamMethod};
-use crate::nn::tap::Taps;
+use crate::nn::gradcam::CamMethod;
 use crate::stage::{InputSlot, Inputs, OutputSlot, StageCtx, Task};
 use anyhow::{bail, Context, Result};
+use boxes::{place_boxes, PlacedBox};
 use candle_core::{Device, Tensor};
 use gallery::{Gallery, Tile};
+use maps::{deletion_insertion, maps_for};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
+use stats::{box_summary, faithfulness_summary, summary};
+use std::collections::BTreeMap;
 
 pub struct GradCamTask;
 
@@ -128,309 +132,6 @@ fn d_deletion_steps() -> usize {
     10
 }
 
-/// Where one map puts its mass.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct MapStats {
-    pub center_energy: f64,
-    pub com_distance: f64,
-    pub entropy: f64,
-}
-
-pub fn map_stats(map: &[f32], size: usize, center_fraction: f64) -> MapStats {
-    let total: f64 = map.iter().map(|&v| v as f64).sum::<f64>().max(1e-12);
-    let half = size as f64 * center_fraction / 2.0;
-    let c = size as f64 / 2.0;
-    let (mut inner, mut mx, mut my, mut entropy) = (0.0, 0.0, 0.0, 0.0);
-    for y in 0..size {
-        for x in 0..size {
-            let v = map[y * size + x] as f64 / total;
-            let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
-            if (px - c).abs() < half && (py - c).abs() < half {
-                inner += v;
-            }
-            mx += v * px;
-            my += v * py;
-            if v > 0.0 {
-                entropy -= v * v.ln();
-            }
-        }
-    }
-    MapStats {
-        center_energy: inner,
-        com_distance: ((mx - c).powi(2) + (my - c).powi(2)).sqrt() / (c * std::f64::consts::SQRT_2),
-        entropy: entropy / ((size * size) as f64).ln(),
-    }
-}
-
-/// How one map agrees with one box.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct BoxStats {
-    /// The pointing game (Zhang et al., 2016): the map's maximum lies inside the box.
-    pub hit: bool,
-    pub iou: f64,
-    /// Share of the map's total inside the box.
-    pub energy: f64,
-}
-
-/// `bx` is [x, y, w, h] in map pixels; a pixel is inside when its centre is (or, for a box that
-/// contains no pixel centre, when it holds the box's centre).
-pub fn box_stats(map: &[f32], size: usize, bx: [f64; 4], iou_threshold: f64) -> BoxStats {
-    let [x0, y0, w, h] = bx;
-    let centre_in = |x: usize, y: usize| {
-        let (cx, cy) = (x as f64 + 0.5, y as f64 + 0.5);
-        cx >= x0 && cx < x0 + w && cy >= y0 && cy < y0 + h
-    };
-    let any_centre = (0..size * size).any(|k| centre_in(k % size, k / size));
-    let (mx, my) = (x0 + w / 2.0, y0 + h / 2.0);
-    let inside = |k: usize| {
-        let (x, y) = (k % size, k / size);
-        if any_centre {
-            centre_in(x, y)
-        } else {
-            x == (mx.max(0.0) as usize).min(size - 1) && y == (my.max(0.0) as usize).min(size - 1)
-        }
-    };
-    // A map with no positive value points nowhere.
-    let peak = (0..map.len()).fold(0, |best, k| if map[k] > map[best] { k } else { best });
-    let points = map.get(peak).is_some_and(|&v| v > 0.0);
-    let (mut inter, mut union, mut in_box, mut total) = (0usize, 0usize, 0.0f64, 0.0f64);
-    for (k, &v) in map.iter().enumerate() {
-        let (on, inb) = (v as f64 >= iou_threshold, inside(k));
-        inter += (on && inb) as usize;
-        union += (on || inb) as usize;
-        total += v as f64;
-        if inb {
-            in_box += v as f64;
-        }
-    }
-    BoxStats {
-        hit: points && inside(peak),
-        iou: if union == 0 {
-            0.0
-        } else {
-            inter as f64 / union as f64
-        },
-        energy: if total > 0.0 { in_box / total } else { 0.0 },
-    }
-}
-
-/// One map per image of a chunk for one class: the trained model's, and the random-weights
-/// model's when that baseline is on.
-type ChunkMaps = (Vec<Vec<f32>>, Option<Vec<Vec<f32>>>);
-
-/// A box on one test image, in map pixels, with the class whose map it is scored against
-/// (`None`: the image's target class).
-struct PlacedBox {
-    finding: String,
-    class: Option<usize>,
-    xywh: [f64; 4],
-}
-
-/// The boxes of `file` on the test images, by position in `test`; boxes on other images are
-/// counted, not used (NIH's list also covers images outside a chosen test split).
-fn place_boxes(
-    file: &std::path::Path,
-    set: &ImageSet,
-    test: &[usize],
-    classes: &[String],
-    size: usize,
-) -> Result<(HashMap<usize, Vec<PlacedBox>>, usize)> {
-    let boxes = crate::data::formats::read_boxes(file)?;
-    let root = &set.dataset.root;
-    // A box names its image by the path relative to the data folder, or by file name (NIH's
-    // `Image Index`) where that name is unique among the test images.
-    let (mut by_path, mut by_name) = (HashMap::new(), HashMap::<String, Vec<usize>>::new());
-    for (pos, &i) in test.iter().enumerate() {
-        let path = &set.dataset.samples[set.sample_of[i]].path;
-        if let Some(name) = path.file_name() {
-            by_name
-                .entry(name.to_string_lossy().into_owned())
-                .or_default()
-                .push(pos);
-        }
-        if let Ok(rel) = path.strip_prefix(root) {
-            by_path.insert(rel.to_string_lossy().into_owned(), pos);
-        }
-    }
-    let (mut placed, mut unmatched) = (HashMap::<usize, Vec<PlacedBox>>::new(), 0);
-    let mut dims = HashMap::new();
-    for b in boxes {
-        let pos = match (
-            by_path.get(&b.image),
-            by_name.get(&b.image).map(Vec::as_slice),
-        ) {
-            (Some(&pos), _) | (None, Some(&[pos])) => pos,
-            (None, Some(_)) => bail!(
-                "{}: several test images are named `{}`; name the image by its path relative to {}",
-                b.origin,
-                b.image,
-                root.display()
-            ),
-            (None, None) => {
-                unmatched += 1;
-                continue;
-            }
-        };
-        let class = class_of(&b, classes)?;
-        let path = &set.dataset.samples[set.sample_of[test[pos]]].path;
-        let (w, h) = match dims.entry(pos) {
-            Entry::Occupied(e) => *e.get(),
-            Entry::Vacant(e) => *e.insert(crate::data::decode::dimensions(path)?),
-        };
-        let (sx, sy) = (size as f64 / w as f64, size as f64 / h as f64);
-        let [x, y, bw, bh] = b.xywh.map(|v| v as f64);
-        placed.entry(pos).or_default().push(PlacedBox {
-            finding: b.finding,
-            class,
-            xywh: [x * sx, y * sy, bw * sx, bh * sy],
-        });
-    }
-    Ok((placed, unmatched))
-}
-
-fn class_of(b: &FindingBox, classes: &[String]) -> Result<Option<usize>> {
-    if b.finding.is_empty() {
-        return Ok(None);
-    }
-    match classes
-        .iter()
-        .position(|c| c.eq_ignore_ascii_case(&b.finding))
-    {
-        Some(c) => Ok(Some(c)),
-        None => bail!(
-            "{}: the box's finding `{}` is not a class of the model ({}); leave the label empty \
-             to score the box against each image's target class",
-            b.origin,
-            b.finding,
-            classes.join(", ")
-        ),
-    }
-}
-
-fn box_summary(v: &[BoxStats]) -> Value {
-    let n = v.len().max(1) as f64;
-    let mean_std = |f: &dyn Fn(&BoxStats) -> f64| {
-        let m = v.iter().map(f).sum::<f64>() / n;
-        let sd = (v.iter().map(|s| (f(s) - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
-        json!({ "mean": m, "std": sd })
-    };
-    json!({
-        "pointing_game": v.iter().filter(|s| s.hit).count() as f64 / n,
-        "iou": mean_std(&|s| s.iou),
-        "energy_in_box": mean_std(&|s| s.energy),
-    })
-}
-
-/// Deletion and insertion AUC of each image's map (Petsiuk et al., RISE, 2018): the probability
-/// of the target class as the pixels the map ranks highest are removed from the image (deletion:
-/// a faithful map makes it fall fast, low AUC) or put onto a blank image (insertion: rises fast,
-/// high AUC). Removed or blank pixels are the dataset mean, 0 after normalisation. The AUC is the
-/// trapezoid rule over `steps` equal fractions of the pixels.
-fn deletion_insertion(
-    net: &Net,
-    x: &Tensor,
-    maps: &[Vec<f32>],
-    targets: &[usize],
-    steps: usize,
-) -> Result<Vec<[f64; 2]>> {
-    let (b, _, h, w) = x.dims4()?;
-    let px = h * w;
-    let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-    let orders: Vec<Vec<usize>> = maps
-        .iter()
-        .map(|m| {
-            let mut idx: Vec<usize> = (0..px).collect();
-            idx.sort_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
-            idx
-        })
-        .collect();
-    let mut curves = vec![[Vec::new(), Vec::new()]; b];
-    for s in 0..=steps {
-        let k = px * s / steps;
-        let mut deleted = xs.clone();
-        let mut inserted = vec![0f32; xs.len()];
-        for (i, order) in orders.iter().enumerate() {
-            for &p in &order[..k] {
-                deleted[i * px + p] = 0.0;
-                inserted[i * px + p] = xs[i * px + p];
-            }
-        }
-        for (which, data) in [deleted, inserted].into_iter().enumerate() {
-            let t = Tensor::from_vec(data, (b, 1, h, w), x.device())?;
-            let logits = net.logits(&t, None, &mut Taps::none())?;
-            let prob: Vec<Vec<f32>> =
-                candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?.to_vec2()?;
-            for i in 0..b {
-                curves[i][which].push(prob[i][targets[i]] as f64);
-            }
-        }
-    }
-    let auc =
-        |c: &[f64]| (c.iter().sum::<f64>() - (c[0] + c[c.len() - 1]) / 2.0) / (c.len() - 1) as f64;
-    Ok(curves.iter().map(|[d, i]| [auc(d), auc(i)]).collect())
-}
-
-fn faithfulness_summary(v: &[[f64; 2]]) -> Value {
-    let n = v.len().max(1) as f64;
-    let stat = |k: usize| {
-        let m = v.iter().map(|x| x[k]).sum::<f64>() / n;
-        let sd = (v.iter().map(|x| (x[k] - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
-        json!({ "mean": m, "std": sd })
-    };
-    json!({ "deletion_auc": stat(0), "insertion_auc": stat(1) })
-}
-
-fn summary(stats: &[MapStats]) -> Value {
-    let mean_std = |f: fn(&MapStats) -> f64| {
-        let n = stats.len().max(1) as f64;
-        let m = stats.iter().map(f).sum::<f64>() / n;
-        let sd =
-            (stats.iter().map(|s| (f(s) - m).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
-        json!({ "mean": m, "std": sd })
-    };
-    json!({ "center_energy": mean_std(|s| s.center_energy), "com_distance": mean_std(|s| s.com_distance), "entropy": mean_std(|s| s.entropy) })
-}
-
-/// The jet colormap (as matplotlib / OpenCV), for overlays.
-
-/// Maps of `x` for `targets`, and per image the predicted class with its probability.
-fn maps_for(
-    net: &Net,
-    layer: &str,
-    x: &Tensor,
-    targets: &[Vec<usize>],
-    size: usize,
-    method: CamMethod,
-) -> Result<(Vec<Vec<f32>>, Vec<(usize, f64)>)> {
-    let mut predicted = Vec::new();
-    let cam = grad_cam(
-        |taps| {
-            let logits = net
-                .logits(x, None, taps)
-                .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
-            let probs: Vec<Vec<f32>> =
-                candle_nn::ops::softmax(&logits.detach(), candle_core::D::Minus1)?.to_vec2()?;
-            predicted = probs
-                .iter()
-                .map(|r| {
-                    let (c, p) =
-                        r.iter()
-                            .enumerate()
-                            .fold((0, f32::MIN), |b, (c, &p)| if p > b.1 { (c, p) } else { b });
-                    (c, p as f64)
-                })
-                .collect();
-            Ok(logits)
-        },
-        layer,
-        targets,
-        |t| net.to_grid(t),
-        (size, size),
-        method,
-    )?;
-    Ok((cam.grayscale, predicted))
-}
-
 impl Task for GradCamTask {
     const KIND: &'static str = "gradcam";
     const VERSION: u32 = 3;
@@ -483,19 +184,6 @@ impl Task for GradCamTask {
         let test = set
             .require(Split::Test, "add rows with split=test to labels.csv")?
             .to_vec();
-        let layer = p.layer.clone().unwrap_or_else(|| net.cam_layer(size));
-        let method = match p.method {
-            Method::Gradcam => CamMethod::GradCam,
-            Method::GradcamPlusPlus => CamMethod::GradCamPlusPlus,
-        };
-        let random = Net::build(&card.net, p.seed ^ 0xBA5E, &Device::Cpu)?;
-        let norm = Normalize {
-            mean: card.mean,
-            std: card.std,
-        };
-        let (mut stats, mut base_stats) = (Vec::new(), Vec::new());
-        let mut gallery = Gallery::new(p.overlays, card.classes.len());
-        let (mut faith, mut base_faith) = (Vec::new(), Vec::new());
         let iou_threshold = p.iou_threshold()?;
         let (boxes, unmatched) = match inputs.optional_path("boxes") {
             Some(file) => {
@@ -509,271 +197,347 @@ impl Task for GradCamTask {
             }
             None => (None, 0),
         };
-        let (mut box_stats_model, mut box_stats_base) = (Vec::new(), Vec::new());
-        let mut box_csv = String::from("path,finding,explained_class,x,y,w,h,hit,iou,energy_in_box,random_hit,random_iou,random_energy_in_box\n");
-        let mut csv = String::from("path,label,prediction,target,center_energy,com_distance,entropy,random_center_energy,random_com_distance,random_entropy,deletion_auc,insertion_auc,random_deletion_auc,random_insertion_auc\n");
-        for (chunk_no, chunk) in test.chunks(16).enumerate() {
-            let x: Vec<f32> = chunk
-                .iter()
-                .flat_map(|&i| norm.apply(loader::resized(&set.decoded, i, size)))
-                .collect();
-            let x = Tensor::from_vec(x, (chunk.len(), 1, size, size), &Device::Cpu)?;
-            let labels: Vec<usize> = chunk
-                .iter()
-                .map(|&i| set.label(i).map(|l| l as usize))
-                .collect::<Result<_>>()?;
-            let one = |v: &[usize]| -> Vec<Vec<usize>> { v.iter().map(|&c| vec![c]).collect() };
-            let (first, predicted) = maps_for(&net, &layer, &x, &one(&labels), size, method)
-                .with_context(|| format!("Grad-CAM at layer `{layer}`"))?;
-            let targets = match p.target {
-                Target::Label => labels.clone(),
-                Target::Prediction => predicted.iter().map(|&(c, _)| c).collect(),
-            };
-            let maps = if p.target == Target::Label {
-                first
-            } else {
-                maps_for(&net, &layer, &x, &one(&targets), size, method)?.0
-            };
-            let baseline = if p.random_baseline {
-                Some(maps_for(&random, &layer, &x, &one(&targets), size, method)?.0)
-            } else {
-                None
-            };
-            let curves = |maps: &[Vec<f32>]| -> Result<Vec<Option<[f64; 2]>>> {
-                Ok(if p.deletion_steps == 0 {
-                    vec![None; chunk.len()]
-                } else {
-                    deletion_insertion(&net, &x, maps, &targets, p.deletion_steps)?
-                        .into_iter()
-                        .map(Some)
-                        .collect()
+        let explainer = Explainer {
+            p,
+            layer: p.layer.clone().unwrap_or_else(|| net.cam_layer(size)),
+            method: match p.method {
+                Method::Gradcam => CamMethod::GradCam,
+                Method::GradcamPlusPlus => CamMethod::GradCamPlusPlus,
+            },
+            random: Net::build(&card.net, p.seed ^ 0xBA5E, &Device::Cpu)?,
+            net,
+            size,
+            iou_threshold,
+        };
+        let mut out = Written {
+            maps: csv::Writer::from_path(ctx.out_dir.join("maps.csv"))?,
+            boxes: match boxes {
+                Some(_) => Some(csv::Writer::from_path(ctx.out_dir.join("boxes.csv"))?),
+                None => None,
+            },
+            tally: Tally::default(),
+            gallery: Gallery::new(p.overlays, card.classes.len()),
+        };
+        for (chunk_no, chunk) in test.chunks(CHUNK).enumerate() {
+            let first = chunk_no * CHUNK;
+            let placed: Vec<&[PlacedBox]> = (first..first + chunk.len())
+                .map(|pos| {
+                    boxes
+                        .as_ref()
+                        .and_then(|b| b.get(&pos))
+                        .map_or(&[][..], Vec::as_slice)
                 })
-            };
-            let f_model = curves(&maps)?;
-            let f_base = match &baseline {
-                Some(b) => curves(b)?,
-                None => vec![None; chunk.len()],
-            };
-            // Boxes of a finding other than the image's target need that class's maps.
-            let mut box_maps: BTreeMap<usize, ChunkMaps> = BTreeMap::new();
-            if let Some(boxes) = &boxes {
-                for (j, pos) in (chunk_no * 16..).take(chunk.len()).enumerate() {
-                    for b in boxes.get(&pos).into_iter().flatten() {
-                        let c = b.class.unwrap_or(targets[j]);
-                        if c == targets[j] || box_maps.contains_key(&c) {
-                            continue;
-                        }
-                        let all = vec![vec![c]; chunk.len()];
-                        let m = maps_for(&net, &layer, &x, &all, size, method)?.0;
-                        let r = match p.random_baseline {
-                            true => Some(maps_for(&random, &layer, &x, &all, size, method)?.0),
-                            false => None,
-                        };
-                        box_maps.insert(c, (m, r));
-                    }
-                }
-            }
-            let auc_text =
-                |f: Option<[f64; 2]>, k: usize| f.map_or(String::new(), |f| format!("{:.5}", f[k]));
-            for (j, &i) in chunk.iter().enumerate() {
-                let s = map_stats(&maps[j], size, p.center_fraction);
-                let b = baseline
-                    .as_ref()
-                    .map(|m| map_stats(&m[j], size, p.center_fraction));
-                let path = set.dataset.samples[set.sample_of[i]]
-                    .path
-                    .display()
-                    .to_string();
-                let cls = |c: usize| card.classes[c].clone();
-                writeln!(
-                    csv,
-                    "\"{path}\",{},{},{},{:.5},{:.5},{:.5},{},{},{},{},{},{},{}",
-                    cls(labels[j]),
-                    cls(predicted[j].0),
-                    cls(targets[j]),
-                    s.center_energy,
-                    s.com_distance,
-                    s.entropy,
-                    b.map_or(String::new(), |b| format!("{:.5}", b.center_energy)),
-                    b.map_or(String::new(), |b| format!("{:.5}", b.com_distance)),
-                    b.map_or(String::new(), |b| format!("{:.5}", b.entropy)),
-                    auc_text(f_model[j], 0),
-                    auc_text(f_model[j], 1),
-                    auc_text(f_base[j], 0),
-                    auc_text(f_base[j], 1),
-                )?;
-                let placed = boxes.as_ref().and_then(|bx| bx.get(&(chunk_no * 16 + j)));
-                for pb in placed.into_iter().flatten() {
-                    let c = pb.class.unwrap_or(targets[j]);
-                    let (m, r) = match box_maps.get(&c) {
-                        Some((m, r)) => (&m[j], r.as_ref().map(|r| &r[j])),
-                        None => (&maps[j], baseline.as_ref().map(|r| &r[j])),
-                    };
-                    let bs = box_stats(m, size, pb.xywh, iou_threshold);
-                    let rs = r.map(|r| box_stats(r, size, pb.xywh, iou_threshold));
-                    let [bx, by, bw, bh] = pb.xywh;
-                    writeln!(
-                        box_csv,
-                        "\"{path}\",\"{}\",{},{bx:.2},{by:.2},{bw:.2},{bh:.2},{},{:.5},{:.5},{},{},{}",
-                        pb.finding,
-                        cls(c),
-                        bs.hit as u8,
-                        bs.iou,
-                        bs.energy,
-                        rs.map_or(String::new(), |r| (r.hit as u8).to_string()),
-                        rs.map_or(String::new(), |r| format!("{:.5}", r.iou)),
-                        rs.map_or(String::new(), |r| format!("{:.5}", r.energy)),
-                    )?;
-                    box_stats_model.push(bs);
-                    box_stats_base.extend(rs);
-                }
-                stats.push(s);
-                base_stats.extend(b);
-                faith.extend(f_model[j]);
-                base_faith.extend(f_base[j]);
-                let (guess, probability) = predicted[j];
-                if gallery.wants(labels[j], labels[j] == guess) {
-                    gallery.offer(Tile {
-                        pos: i,
-                        label: labels[j],
-                        predicted: guess,
-                        probability,
-                        map: maps[j].clone(),
-                    });
-                }
-            }
-            ctx.report(
-                (chunk_no * 16 + chunk.len()) as u64,
-                test.len() as u64,
-                "maps",
-            );
+                .collect();
+            explainer
+                .chunk(&set, &card, chunk, &placed, &mut out)
+                .with_context(|| format!("Grad-CAM at layer `{}`", explainer.layer))?;
+            ctx.report((first + chunk.len()) as u64, test.len() as u64, "maps");
         }
-        std::fs::write(ctx.out_dir.join("maps.csv"), csv)?;
-        if boxes.is_some() {
-            std::fs::write(ctx.out_dir.join("boxes.csv"), box_csv)?;
+        out.maps.flush()?;
+        if let Some(w) = &mut out.boxes {
+            w.flush()?;
         }
-        gallery.write(&set, &card.classes, size, &ctx.out_dir)?;
+        out.gallery.write(&set, &card.classes, size, &ctx.out_dir)?;
+        let t = &out.tally;
+        let or_null = |empty: bool, v: Value| if empty { Value::Null } else { v };
         Ok(json!({
-            "layer": layer, "method": p.method, "target": p.target, "images": stats.len(), "center_fraction": p.center_fraction,
-            "model": summary(&stats), "random_baseline": if base_stats.is_empty() { Value::Null } else { summary(&base_stats) },
-            "faithfulness": if faith.is_empty() { Value::Null } else { json!({
-                "model": faithfulness_summary(&faith),
-                "random_baseline": if base_faith.is_empty() { Value::Null } else { faithfulness_summary(&base_faith) },
-            }) },
+            "layer": explainer.layer, "method": p.method, "target": p.target, "images": t.stats.len(), "center_fraction": p.center_fraction,
+            "model": summary(&t.stats), "random_baseline": or_null(t.base_stats.is_empty(), summary(&t.base_stats)),
+            "faithfulness": or_null(t.faith.is_empty(), json!({
+                "model": faithfulness_summary(&t.faith),
+                "random_baseline": or_null(t.base_faith.is_empty(), faithfulness_summary(&t.base_faith)),
+            })),
             "boxes": match boxes {
                 None => Value::Null,
                 Some(placed) => json!({
-                    "boxes": box_stats_model.len(), "images": placed.len(), "outside_test_split": unmatched,
-                    "iou_threshold": iou_threshold, "model": box_summary(&box_stats_model),
-                    "random_baseline": if box_stats_base.is_empty() { Value::Null } else { box_summary(&box_stats_base) },
+                    "boxes": t.box_model.len(), "images": placed.len(), "outside_test_split": unmatched,
+                    "iou_threshold": iou_threshold, "model": box_summary(&t.box_model),
+                    "random_baseline": or_null(t.box_base.is_empty(), box_summary(&t.box_base)),
                 }),
             },
         }))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Test images explained per batch of forward and backward passes.
+const CHUNK: usize = 16;
 
-    #[test]
-    fn centre_and_border_maps_are_told_apart() {
-        let n = 8;
-        let centre: Vec<f32> = (0..n * n)
-            .map(|k| {
-                if (2..6).contains(&(k / n)) && (2..6).contains(&(k % n)) {
-                    1.0
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let border: Vec<f32> = centre.iter().map(|v| 1.0 - v).collect();
-        let c = map_stats(&centre, n, 0.5);
-        let b = map_stats(&border, n, 0.5);
-        assert!((c.center_energy - 1.0).abs() < 1e-9 && b.center_energy.abs() < 1e-9);
-        assert!(c.com_distance < 1e-9);
-        let uniform = map_stats(&vec![1.0; n * n], n, 0.5);
-        assert!(
-            (uniform.entropy - 1.0).abs() < 1e-9 && (uniform.center_energy - 0.25).abs() < 1e-9
-        );
+/// One row of `maps.csv`: a test image, the class explained, and its map's statistics (the
+/// `random_` columns: the random-weights model's map; empty without `random_baseline`).
+#[derive(Serialize)]
+struct MapRow<'a> {
+    path: String,
+    label: &'a str,
+    prediction: &'a str,
+    target: &'a str,
+    center_energy: f64,
+    com_distance: f64,
+    entropy: f64,
+    random_center_energy: Option<f64>,
+    random_com_distance: Option<f64>,
+    random_entropy: Option<f64>,
+    deletion_auc: Option<f64>,
+    insertion_auc: Option<f64>,
+    random_deletion_auc: Option<f64>,
+    random_insertion_auc: Option<f64>,
+}
+
+/// One row of `boxes.csv`: a box (in map pixels) scored against the map of `explained_class`.
+#[derive(Serialize)]
+struct BoxRow<'a> {
+    path: &'a str,
+    finding: &'a str,
+    explained_class: &'a str,
+    x: f64,
+    y: f64,
+    w: f64,
+    h: f64,
+    hit: u8,
+    iou: f64,
+    energy_in_box: f64,
+    random_hit: Option<u8>,
+    random_iou: Option<f64>,
+    random_energy_in_box: Option<f64>,
+}
+
+/// What the stage accumulates over the test images for its metrics.
+#[derive(Default)]
+struct Tally {
+    stats: Vec<MapStats>,
+    base_stats: Vec<MapStats>,
+    faith: Vec<[f64; 2]>,
+    base_faith: Vec<[f64; 2]>,
+    box_model: Vec<BoxStats>,
+    box_base: Vec<BoxStats>,
+}
+
+/// Where the per-image results go.
+struct Written {
+    maps: csv::Writer<std::fs::File>,
+    boxes: Option<csv::Writer<std::fs::File>>,
+    tally: Tally,
+    gallery: Gallery,
+}
+
+/// The maps of one chunk of images: the trained model's and, optionally, a random-weights twin's.
+struct ChunkMaps {
+    model: Vec<Vec<f32>>,
+    random: Option<Vec<Vec<f32>>>,
+}
+
+/// The trained model, its random-weights twin, and how they are explained.
+struct Explainer<'a> {
+    p: &'a Params,
+    net: Net,
+    random: Net,
+    layer: String,
+    method: CamMethod,
+    size: usize,
+    iou_threshold: f64,
+}
+
+impl Explainer<'_> {
+    /// Maps of `x` for one class per image (`targets`), from the model and (when asked) the twin.
+    fn maps(&self, x: &Tensor, targets: &[usize]) -> Result<ChunkMaps> {
+        let per_image = one_each(targets);
+        let model = maps_for(
+            &self.net,
+            &self.layer,
+            x,
+            &per_image,
+            self.size,
+            self.method,
+        )?
+        .0;
+        let random = match self.p.random_baseline {
+            true => Some(
+                maps_for(
+                    &self.random,
+                    &self.layer,
+                    x,
+                    &per_image,
+                    self.size,
+                    self.method,
+                )?
+                .0,
+            ),
+            false => None,
+        };
+        Ok(ChunkMaps { model, random })
     }
 
-    #[test]
-    fn boxes_score_the_peak_the_overlap_and_the_energy() {
-        let n = 8;
-        // A map that is 1 on the 2x2 block at (4..6, 4..6), 0.25 elsewhere, its peak at (5, 5).
-        let mut map = vec![0.25f32; n * n];
-        for y in 4..6 {
-            for x in 4..6 {
-                map[y * n + x] = if (x, y) == (5, 5) { 1.0 } else { 0.9 };
+    /// Deletion and insertion AUCs per image (`None` when `deletion_steps` is 0).
+    fn faithfulness(
+        &self,
+        x: &Tensor,
+        maps: &[Vec<f32>],
+        targets: &[usize],
+    ) -> Result<Vec<Option<[f64; 2]>>> {
+        if self.p.deletion_steps == 0 {
+            return Ok(vec![None; maps.len()]);
+        }
+        Ok(
+            deletion_insertion(&self.net, x, maps, targets, self.p.deletion_steps)?
+                .into_iter()
+                .map(Some)
+                .collect(),
+        )
+    }
+
+    /// Explains the test positions `chunk`, whose boxes are `placed` (one slice per image).
+    fn chunk(
+        &self,
+        set: &ImageSet,
+        card: &ModelCard,
+        chunk: &[usize],
+        placed: &[&[PlacedBox]],
+        out: &mut Written,
+    ) -> Result<()> {
+        let (size, p) = (self.size, self.p);
+        let norm = Normalize {
+            mean: card.mean,
+            std: card.std,
+        };
+        let x: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&i| norm.apply(loader::resized(&set.decoded, i, size)))
+            .collect();
+        let x = Tensor::from_vec(x, (chunk.len(), 1, size, size), &Device::Cpu)?;
+        let labels: Vec<usize> = chunk
+            .iter()
+            .map(|&i| set.label(i).map(|l| l as usize))
+            .collect::<Result<_>>()?;
+        let (label_maps, predicted) = maps_for(
+            &self.net,
+            &self.layer,
+            &x,
+            &one_each(&labels),
+            size,
+            self.method,
+        )?;
+        let targets: Vec<usize> = match p.target {
+            Target::Label => labels.clone(),
+            Target::Prediction => predicted.iter().map(|&(c, _)| c).collect(),
+        };
+        let model = match p.target {
+            Target::Label => label_maps,
+            Target::Prediction => {
+                maps_for(
+                    &self.net,
+                    &self.layer,
+                    &x,
+                    &one_each(&targets),
+                    size,
+                    self.method,
+                )?
+                .0
+            }
+        };
+        let random = match p.random_baseline {
+            true => Some(
+                maps_for(
+                    &self.random,
+                    &self.layer,
+                    &x,
+                    &one_each(&targets),
+                    size,
+                    self.method,
+                )?
+                .0,
+            ),
+            false => None,
+        };
+        let maps = ChunkMaps { model, random };
+        let f_model = self.faithfulness(&x, &maps.model, &targets)?;
+        let f_base = match &maps.random {
+            Some(r) => self.faithfulness(&x, r, &targets)?,
+            None => vec![None; chunk.len()],
+        };
+        // Boxes of a finding other than the image's target need that class's maps.
+        let mut other: BTreeMap<usize, ChunkMaps> = BTreeMap::new();
+        for (j, boxes) in placed.iter().enumerate() {
+            for c in boxes.iter().map(|b| b.class.unwrap_or(targets[j])) {
+                if c != targets[j] && !other.contains_key(&c) {
+                    other.insert(c, self.maps(&x, &vec![c; chunk.len()])?);
+                }
             }
         }
-        let on_block = box_stats(&map, n, [4.0, 4.0, 2.0, 2.0], 0.5);
-        assert!(on_block.hit);
-        assert!((on_block.iou - 1.0).abs() < 1e-12, "{on_block:?}");
-        let total = 3.7 + 60.0 * 0.25;
-        assert!((on_block.energy - 3.7 / total).abs() < 1e-6, "{on_block:?}");
-        // A box on the left half: misses the peak, overlaps no thresholded pixel.
-        let left = box_stats(&map, n, [0.0, 0.0, 4.0, 8.0], 0.5);
-        assert!(!left.hit && left.iou == 0.0);
-        assert!((left.energy - 32.0 * 0.25 / total).abs() < 1e-6);
-        // A box smaller than a pixel still owns the pixel holding its centre.
-        let tiny = box_stats(&map, n, [5.1, 5.2, 0.3, 0.3], 0.5);
-        assert!(tiny.hit && (tiny.iou - 0.25).abs() < 1e-12, "{tiny:?}");
-        // The whole image: every box holds the peak and all the energy.
-        let all = box_stats(&map, n, [0.0, 0.0, 8.0, 8.0], 0.5);
-        assert!(all.hit && (all.energy - 1.0).abs() < 1e-9 && (all.iou - 4.0 / 64.0).abs() < 1e-12);
-        // An all-zero map (a one-cell layer after min-max scaling) points at nothing.
-        let zero = box_stats(&vec![0.0; n * n], n, [0.0, 0.0, 8.0, 8.0], 0.5);
-        assert!(!zero.hit && zero.energy == 0.0 && zero.iou == 0.0);
+        let cls = |c: usize| card.classes[c].as_str();
+        for (j, &i) in chunk.iter().enumerate() {
+            let path = set.dataset.samples[set.sample_of[i]]
+                .path
+                .display()
+                .to_string();
+            let s = map_stats(&maps.model[j], size, p.center_fraction);
+            let b = maps
+                .random
+                .as_ref()
+                .map(|m| map_stats(&m[j], size, p.center_fraction));
+            out.maps.serialize(MapRow {
+                label: cls(labels[j]),
+                prediction: cls(predicted[j].0),
+                target: cls(targets[j]),
+                center_energy: s.center_energy,
+                com_distance: s.com_distance,
+                entropy: s.entropy,
+                random_center_energy: b.map(|b| b.center_energy),
+                random_com_distance: b.map(|b| b.com_distance),
+                random_entropy: b.map(|b| b.entropy),
+                deletion_auc: f_model[j].map(|f| f[0]),
+                insertion_auc: f_model[j].map(|f| f[1]),
+                random_deletion_auc: f_base[j].map(|f| f[0]),
+                random_insertion_auc: f_base[j].map(|f| f[1]),
+                path: path.clone(),
+            })?;
+            for pb in placed[j] {
+                let c = pb.class.unwrap_or(targets[j]);
+                let m = other.get(&c).unwrap_or(&maps);
+                let bs = box_stats(&m.model[j], size, pb.xywh, self.iou_threshold);
+                let rs = m
+                    .random
+                    .as_ref()
+                    .map(|r| box_stats(&r[j], size, pb.xywh, self.iou_threshold));
+                let [x, y, w, h] = pb.xywh;
+                if let Some(csv) = &mut out.boxes {
+                    csv.serialize(BoxRow {
+                        path: &path,
+                        finding: &pb.finding,
+                        explained_class: cls(c),
+                        x,
+                        y,
+                        w,
+                        h,
+                        hit: bs.hit as u8,
+                        iou: bs.iou,
+                        energy_in_box: bs.energy,
+                        random_hit: rs.map(|r| r.hit as u8),
+                        random_iou: rs.map(|r| r.iou),
+                        random_energy_in_box: rs.map(|r| r.energy),
+                    })?;
+                }
+                out.tally.box_model.push(bs);
+                out.tally.box_base.extend(rs);
+            }
+            out.tally.stats.push(s);
+            out.tally.base_stats.extend(b);
+            out.tally.faith.extend(f_model[j]);
+            out.tally.base_faith.extend(f_base[j]);
+            let (guess, probability) = predicted[j];
+            if out.gallery.wants(labels[j], labels[j] == guess) {
+                out.gallery.offer(Tile {
+                    pos: i,
+                    label: labels[j],
+                    predicted: guess,
+                    probability,
+                    map: maps.model[j].clone(),
+                });
+            }
+        }
+        Ok(())
     }
+}
 
-    #[test]
-    fn box_files_are_read_in_either_layout_and_bad_rows_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let generic = dir.path().join("boxes.csv");
-        std::fs::write(
-            &generic,
-            "path,label,x,y,w,h\na.jpg,Zimmer,1,2,3,4\nb.jpg,,0,0,5,5\n",
-        )
-        .unwrap();
-        let boxes = crate::data::formats::read_boxes(&generic).unwrap();
-        assert_eq!(boxes.len(), 2);
-        assert_eq!(boxes[0].xywh, [1.0, 2.0, 3.0, 4.0]);
-        let classes = ["depuy".to_string(), "zimmer".to_string()];
-        assert_eq!(
-            class_of(&boxes[0], &classes).unwrap(),
-            Some(1),
-            "case-insensitive"
-        );
-        assert_eq!(
-            class_of(&boxes[1], &classes).unwrap(),
-            None,
-            "no label: target class"
-        );
-        let mut other = boxes[0].clone();
-        other.finding = "Atelectasis".into();
-        let e = format!("{:#}", class_of(&other, &classes).unwrap_err());
-        assert!(
-            e.contains("boxes.csv:2") && e.contains("depuy, zimmer"),
-            "{e}"
-        );
-
-        std::fs::write(&generic, "path,x,y,w,h\na.jpg,1,2,0,4\n").unwrap();
-        let e = format!(
-            "{:#}",
-            crate::data::formats::read_boxes(&generic).unwrap_err()
-        );
-        assert!(
-            e.contains("boxes.csv:2") && e.contains("`0`"),
-            "a zero width is named: {e}"
-        );
-        std::fs::write(&generic, "image,x,y\na.jpg,1,2\n").unwrap();
-        let e = format!(
-            "{:#}",
-            crate::data::formats::read_boxes(&generic).unwrap_err()
-        );
-        assert!(e.contains("path, x, y, w, h"), "{e}");
-    }
+/// One class to explain per image, as `grad_cam` takes them.
+fn one_each(classes: &[usize]) -> Vec<Vec<usize>> {
+    classes.iter().map(|&c| vec![c]).collect()
 }
