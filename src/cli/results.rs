@@ -373,10 +373,13 @@ struct Group {
     metrics: BTreeMap<String, (f64, f64)>,
 }
 
+/// Groups runs by route and params minus `seed`. A seed evaluated more than once (the model
+/// re-evaluated after an `evaluate` upgrade, or retrained after a `finetune` one) counts once,
+/// by its newest evaluation: a repeat is not an independent run and would shrink the sd.
 fn group_seeds(rows: &[Row]) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     let mut members: Vec<Vec<&Row>> = Vec::new();
-    for r in rows {
+    for r in newest_run_per_seed(rows) {
         let mut params = r.params.clone();
         let seed = params.remove("seed").unwrap_or(Value::Null);
         match groups
@@ -420,6 +423,32 @@ fn group_seeds(rows: &[Row]) -> Vec<Group> {
         }
     }
     groups
+}
+
+/// `rows` in their order, without the older evaluations of a route and params seen again.
+fn newest_run_per_seed(rows: &[Row]) -> Vec<&Row> {
+    let run = |r: &Row| {
+        format!(
+            "{} {}",
+            r.route,
+            Value::from(
+                r.params
+                    .clone()
+                    .into_iter()
+                    .collect::<serde_json::Map<_, _>>()
+            )
+        )
+    };
+    let mut newest: HashMap<String, &Row> = HashMap::new();
+    for r in rows {
+        let slot = newest.entry(run(r)).or_insert(r);
+        if r.at_unix > slot.at_unix {
+            *slot = r;
+        }
+    }
+    rows.iter()
+        .filter(|r| std::ptr::eq(*r, newest[&run(r)]))
+        .collect()
 }
 
 /// Mean and sample standard deviation (0 for one value).
@@ -562,6 +591,28 @@ mod tests {
         let (m, s) = mean_sd(&[0.5, 0.6, 0.7]);
         assert!((m - 0.6).abs() < 1e-12 && (s - 0.1).abs() < 1e-12);
         assert_eq!(mean_sd(&[0.4]), (0.4, 0.0));
+    }
+
+    #[test]
+    fn a_seed_evaluated_twice_counts_once_by_its_newest_evaluation() {
+        let row = |seed: u64, acc: f64, at_unix: u64| Row {
+            key: String::new(),
+            stage: "eval".into(),
+            pipeline: String::new(),
+            route: "mae > ft".into(),
+            params: BTreeMap::from([("seed".to_owned(), json!(seed))]),
+            metrics: json!({ "accuracy": acc }),
+            date: String::new(),
+            wall_s: 0.0,
+            invocation: String::new(),
+            at_unix,
+        };
+        let rows = [row(0, 0.5, 1), row(0, 0.6, 2), row(1, 0.7, 1)];
+        let groups = group_seeds(&rows);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].seeds, vec![json!(0), json!(1)]);
+        let (mean, _) = groups[0].metrics["accuracy"];
+        assert!((mean - 0.65).abs() < 1e-12, "{mean}");
     }
 
     #[test]
