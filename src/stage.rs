@@ -67,6 +67,11 @@ pub trait Task {
     }
     /// Writes outputs into `ctx.out_dir` and returns the metrics recorded in the manifest.
     fn run(p: &Self::Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value>;
+    /// The line the end of a run prints for an entry of this kind (its result, or where to
+    /// look), from the entry's metrics and folder; `None` for most kinds.
+    fn headline(_metrics: &Value, _entry_dir: &Path) -> Option<String> {
+        None
+    }
 }
 
 /// One task kind with its types erased, as the orchestrator sees it.
@@ -87,6 +92,8 @@ pub struct TaskEntry {
     pub lint: fn(&Value) -> Vec<String>,
     /// Checks of the inputs before any stage runs.
     pub preflight: fn(&Value, &Inputs) -> Result<()>,
+    /// What the end of a run says about an entry (metrics, entry folder).
+    pub headline: fn(&Value, &Path) -> Option<String>,
 }
 
 pub fn entry<T: Task>() -> TaskEntry {
@@ -114,6 +121,7 @@ pub fn entry<T: Task>() -> TaskEntry {
         schema: || serde_json::to_value(schemars::schema_for!(T::Params)).unwrap_or_default(),
         lint: |v| T::lint(&parse::<T>(v)),
         preflight: |v, inputs| T::preflight(&parse::<T>(v), inputs),
+        headline: T::headline,
     }
 }
 
@@ -279,6 +287,8 @@ impl StageCtx<'_> {
             message: message.into(),
         });
     }
+    /// A line of the stage's log. Lines starting `warning:` or `note:` are shown to the user
+    /// during the run; the others with `--verbose`, and the last of them when the stage fails.
     pub fn log(&self, line: &str) {
         (self.log)(line)
     }

@@ -54,22 +54,7 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     let mut loaded = args.pipeline.load(catalog)?;
-    let executor = user_executor()?
-        .overlay(loaded.plan.executor.clone())
-        .overlay(ExecutorSpec {
-            kind: match args.executor.as_deref() {
-                Some("slurm") => Some(ExecutorKind::Slurm),
-                Some(_) => Some(ExecutorKind::Local),
-                None => None,
-            },
-            partition: args.partition.clone(),
-            account: args.account.clone(),
-            ..Default::default()
-        });
-    let slurm = match executor.kind {
-        Some(ExecutorKind::Slurm) => Some(SlurmConfig::from_spec(&executor)?),
-        _ => None,
-    };
+    let slurm = slurm_config(&args, &loaded)?;
     // Before any thread starts, so that no thread takes Ctrl-C with the default action.
     let interrupt = Interrupt::install(if slurm.is_some() {
         "cancelling this run's Slurm jobs (a second Ctrl-C quits at once; jobs may then keep running)"
@@ -79,22 +64,7 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     let _sharing = loaded.store.share_with_runs()?;
     let (keys, blocked) = keys_or_blocked(&mut loaded);
     preflight(&loaded, &keys, catalog)?;
-    let mut force = vec![false; loaded.plan.stages.len()];
-    for name in &args.force {
-        let hits: Vec<usize> = (0..force.len())
-            .filter(|&i| {
-                loaded.plan.stages[i].name == *name || loaded.plan.stages[i].template == *name
-            })
-            .collect();
-        if hits.is_empty() {
-            return Err(UsageError(format!(
-                "--force {name}: no such stage in {}",
-                loaded.plan.file.display()
-            ))
-            .into());
-        }
-        hits.into_iter().for_each(|i| force[i] = true);
-    }
+    let force = forced(&args.force, &loaded)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = args.jobs.map_or(cpus, usize::from);
     if args.device != "auto" {
@@ -157,91 +127,92 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             sink,
         ),
     };
-    for line in headlines(&loaded, &keys) {
+    for line in headlines(&loaded, &keys, catalog) {
         eprintln!("{line}");
     }
     let failed = !blocked.is_empty()
         || status
             .iter()
             .any(|s| matches!(s, Status::Done(Outcome::Failed { .. }) | Status::Skipped(_)));
-    if let Some(code) = interrupt.exit_code() {
-        return Ok(ExitCode::from(code));
-    }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
+    Ok(match (interrupt.exit_code(), failed) {
+        (Some(code), _) => ExitCode::from(code),
+        (None, true) => ExitCode::from(1),
+        (None, false) => ExitCode::SUCCESS,
     })
 }
 
-/// The end of a run: the test headline of every evaluate stage the run ran or reused, and where
-/// the report pages are.
-fn headlines(loaded: &super::Loaded, keys: &[crate::exec::keys::Keyed]) -> Vec<String> {
-    let entry = |i: usize| {
-        let stage = &loaded.plan.stages[i];
-        loaded.selected[i]
-            .then(|| loaded.store.lookup(&stage.kind, &keys[i].key))
-            .flatten()
-    };
-    let width = loaded
-        .plan
-        .stages
-        .iter()
+/// Slurm's settings when this run goes to Slurm: the user's config file, then the pipeline's
+/// `executor:`, then the flags, each overriding the one before.
+fn slurm_config(args: &RunArgs, loaded: &super::Loaded) -> Result<Option<SlurmConfig>> {
+    let executor = user_executor()?
+        .overlay(loaded.plan.executor.clone())
+        .overlay(ExecutorSpec {
+            kind: match args.executor.as_deref() {
+                Some("slurm") => Some(ExecutorKind::Slurm),
+                Some(_) => Some(ExecutorKind::Local),
+                None => None,
+            },
+            partition: args.partition.clone(),
+            account: args.account.clone(),
+            ..Default::default()
+        });
+    match executor.kind {
+        Some(ExecutorKind::Slurm) => Ok(Some(SlurmConfig::from_spec(&executor)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Which stages `--force` names (instance or template names); a name that matches none is an
+/// error.
+fn forced(names: &[String], loaded: &super::Loaded) -> Result<Vec<bool>> {
+    let stages = &loaded.plan.stages;
+    let mut force = vec![false; stages.len()];
+    for name in names {
+        let hits: Vec<usize> = (0..stages.len())
+            .filter(|&i| stages[i].name == *name || stages[i].template == *name)
+            .collect();
+        if hits.is_empty() {
+            return Err(UsageError(format!(
+                "--force {name}: no such stage in {}",
+                loaded.plan.file.display()
+            ))
+            .into());
+        }
+        hits.into_iter().for_each(|i| force[i] = true);
+    }
+    Ok(force)
+}
+
+/// The end of a run: what each kind has to say about the entries the run ran or reused (an
+/// evaluation's test headline, where a report's pages are), evaluations first.
+fn headlines(
+    loaded: &super::Loaded,
+    keys: &[crate::exec::keys::Keyed],
+    catalog: &Catalog,
+) -> Vec<String> {
+    let width = (loaded.plan.stages.iter())
         .map(|s| s.name.len())
         .max()
         .unwrap_or(0);
     let mut lines = Vec::new();
     for (i, stage) in loaded.plan.stages.iter().enumerate() {
-        if stage.kind != "evaluate" {
+        let Some(entry) = loaded.selected[i]
+            .then(|| loaded.store.lookup(&stage.kind, &keys[i].key))
+            .flatten()
+        else {
             continue;
-        }
-        if let Some(m) = entry(i).and_then(|e| e.manifest().ok()) {
-            lines.push(format!("{:width$}  {}", stage.name, headline(&m.metrics)));
-        }
-    }
-    for (i, stage) in loaded.plan.stages.iter().enumerate() {
-        if stage.kind == "report" {
-            if let Some(e) = entry(i) {
-                lines.push(format!(
-                    "report ({}): {}",
-                    stage.name,
-                    e.dir.join("index.html").display()
-                ));
-            }
+        };
+        let Some(kind) = catalog.get(&stage.kind) else {
+            continue;
+        };
+        let Ok(manifest) = entry.manifest() else {
+            continue;
+        };
+        if let Some(line) = (kind.headline)(&manifest.metrics, &entry.dir) {
+            lines.push(format!("{:width$}  {line}", stage.name));
         }
     }
     lines
-}
-
-/// `acc 0.603 [0.52, 0.68]  F1 0.44  AUC 0.71 [0.64, 0.78]  majority 0.503` from an evaluate
-/// stage's metrics.
-pub fn headline(m: &serde_json::Value) -> String {
-    let num = |k: &str| m[k].as_f64();
-    let ci = |k: &str| {
-        m[k].as_array()
-            .filter(|b| b.len() == 2)
-            .map_or(String::new(), |b| {
-                format!(
-                    " [{:.2}, {:.2}]",
-                    b[0].as_f64().unwrap_or(f64::NAN),
-                    b[1].as_f64().unwrap_or(f64::NAN)
-                )
-            })
-    };
-    let mut parts = Vec::new();
-    if let Some(a) = num("accuracy") {
-        parts.push(format!("acc {a:.3}{}", ci("accuracy_ci95")));
-    }
-    if let Some(f) = num("macro_f1") {
-        parts.push(format!("F1 {f:.3}"));
-    }
-    if let Some(a) = num("auc_mean") {
-        parts.push(format!("AUC {a:.3}{}", ci("auc_mean_ci95")));
-    }
-    if let Some(b) = num("majority_baseline") {
-        parts.push(format!("majority {b:.3}"));
-    }
-    parts.join("  ")
 }
 
 /// Each stage that will run checks its data inputs before any stage starts (a missing test split

@@ -73,35 +73,16 @@ impl EventSink for Human {
                 stages,
                 cached,
                 to_run,
-            } => {
-                say(
-                    &st,
-                    format!("{stages} stages: {cached} cached, {to_run} to run"),
-                );
-                if let Some(bars) = &st.bars {
-                    let bar = bars.add(ProgressBar::new(stages as u64));
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "{bar:30.cyan/blue} {pos}/{len} stages  {elapsed_precise}",
-                        )
-                        .expect("template"),
-                    );
-                    st.overall = Some(bar);
-                }
-            }
+            } => st.plan(stages, cached, to_run),
             Event::StageCached {
                 stage,
                 key,
                 saved_s,
             } => {
-                if let Some(o) = &st.overall {
-                    o.inc(1);
-                }
+                st.tick_overall();
                 if self.verbose || st.bars.is_none() {
-                    say(
-                        &st,
-                        format!("  cached   {stage} ({}, saved {saved_s:.1}s)", short(&key)),
-                    );
+                    let line = format!("  cached   {stage} ({}, saved {saved_s:.1}s)", short(&key));
+                    say(&st, line);
                 }
             }
             Event::StageSubmitted { stage, job } => {
@@ -112,80 +93,23 @@ impl EventSink for Human {
                 job,
                 state,
                 reason,
-            } => {
-                // RUNNING is shown by the stage's own start line.
-                if state != "RUNNING" {
-                    let why = if reason.is_empty() || reason == "None" {
-                        String::new()
-                    } else {
-                        format!(" ({reason})")
-                    };
-                    say(&st, format!("  slurm    {stage}: job {job} {state}{why}"));
-                }
-            }
+            } => st.queue(&stage, &job, &state, &reason),
             Event::StageWaitLock { stage, .. } => {
-                say(
-                    &st,
-                    format!("  waiting  {stage}: another pretext run is computing it"),
-                );
+                let line = format!("  waiting  {stage}: another pretext run is computing it");
+                say(&st, line);
             }
-            Event::StageStart { stage, key } => match &st.bars {
-                Some(bars) => {
-                    let bar = bars.add(ProgressBar::new_spinner());
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "  {spinner} {prefix:.bold} {wide_msg} {elapsed}",
-                        )
-                        .expect("template"),
-                    );
-                    bar.set_prefix(stage.clone());
-                    bar.enable_steady_tick(Duration::from_millis(120));
-                    st.running.insert(stage, (bar, Instant::now()));
-                }
-                None => eprintln!("  run      {stage} ({})", short(&key)),
-            },
+            Event::StageStart { stage, key } => st.start(stage, &key),
             Event::StageProgress {
                 stage,
                 done,
                 total,
                 message,
-            } => {
-                if let Some((bar, _)) = st.running.get(&stage) {
-                    bar.set_message(format!("[{done}/{total}] {message}"));
-                } else if st.bars.is_none() {
-                    // One line every 10 s at most: Slurm logs stay readable.
-                    let now = Instant::now();
-                    let due = st
-                        .last_plain_progress
-                        .get(&stage)
-                        .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(10));
-                    if due || done == total {
-                        st.last_plain_progress.insert(stage.clone(), now);
-                        eprintln!("           {stage} [{done}/{total}] {message}");
-                    }
-                }
-            }
-            Event::StageLog { stage, line } => {
-                if self.verbose {
-                    say(&st, format!("  [{stage}] {line}"));
-                } else if let Some((bar, _)) = st.running.get(&stage) {
-                    bar.set_message(line.clone());
-                }
-                let tail = st.tails.entry(stage).or_default();
-                if tail.len() == TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
+            } => st.progress(stage, done, total, &message),
+            Event::StageLog { stage, line } => st.log(stage, line, self.verbose),
             Event::StageDone {
                 stage, key, wall_s, ..
             } => {
-                if let Some((bar, _)) = st.running.remove(&stage) {
-                    bar.finish_and_clear();
-                }
-                if let Some(o) = &st.overall {
-                    o.inc(1);
-                }
+                st.finish(&stage);
                 st.tails.remove(&stage);
                 say(
                     &st,
@@ -193,27 +117,19 @@ impl EventSink for Human {
                 );
             }
             Event::StageFailed { stage, key, error } => {
-                if let Some((bar, _)) = st.running.remove(&stage) {
-                    bar.finish_and_clear();
-                }
-                if let Some(o) = &st.overall {
-                    o.inc(1);
-                }
+                st.finish(&stage);
                 let mut text = format!("  FAILED   {stage} ({}): {error}", short(&key));
-                if let Some(tail) = st.tails.remove(&stage) {
-                    if !self.verbose && !tail.is_empty() {
-                        text.push_str("\n           last output:");
-                        for l in tail {
-                            text.push_str(&format!("\n           | {l}"));
-                        }
+                let tail = st.tails.remove(&stage).unwrap_or_default();
+                if !self.verbose && !tail.is_empty() {
+                    text.push_str("\n           last output:");
+                    for l in tail {
+                        text.push_str(&format!("\n           | {l}"));
                     }
                 }
                 say(&st, text);
             }
             Event::StageSkipped { stage, reason } => {
-                if let Some(o) = &st.overall {
-                    o.inc(1);
-                }
+                st.tick_overall();
                 say(&st, format!("  skipped  {stage}: {reason}"));
             }
             Event::RunEnd {
@@ -226,8 +142,112 @@ impl EventSink for Human {
                 if let Some(o) = st.overall.take() {
                     o.finish_and_clear();
                 }
-                say(&st, format!("{ran} ran, {cached} cached, {failed} failed, {skipped} skipped in {wall_s:.2}s"));
+                let line = format!(
+                    "{ran} ran, {cached} cached, {failed} failed, {skipped} skipped in {wall_s:.2}s"
+                );
+                say(&st, line);
             }
         }
+    }
+}
+
+impl HumanState {
+    fn plan(&mut self, stages: usize, cached: usize, to_run: usize) {
+        say(
+            self,
+            format!("{stages} stages: {cached} cached, {to_run} to run"),
+        );
+        if let Some(bars) = &self.bars {
+            let bar = bars.add(ProgressBar::new(stages as u64));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {pos}/{len} stages  {elapsed_precise}",
+                )
+                .expect("template"),
+            );
+            // The clock moves while a long stage runs, not only when one ends.
+            bar.enable_steady_tick(Duration::from_secs(1));
+            self.overall = Some(bar);
+        }
+    }
+
+    fn tick_overall(&self) {
+        if let Some(o) = &self.overall {
+            o.inc(1);
+        }
+    }
+
+    fn queue(&self, stage: &str, job: &str, state: &str, reason: &str) {
+        // RUNNING is shown by the stage's own start line.
+        if state != "RUNNING" {
+            let why = if reason.is_empty() || reason == "None" {
+                String::new()
+            } else {
+                format!(" ({reason})")
+            };
+            say(self, format!("  slurm    {stage}: job {job} {state}{why}"));
+        }
+    }
+
+    fn start(&mut self, stage: String, key: &str) {
+        match &self.bars {
+            Some(bars) => {
+                let bar = bars.add(ProgressBar::new_spinner());
+                bar.set_style(
+                    ProgressStyle::with_template("  {spinner} {prefix:.bold} {wide_msg} {elapsed}")
+                        .expect("template"),
+                );
+                bar.set_prefix(stage.clone());
+                bar.enable_steady_tick(Duration::from_millis(120));
+                self.running.insert(stage, (bar, Instant::now()));
+            }
+            None => eprintln!("  run      {stage} ({})", short(key)),
+        }
+    }
+
+    /// On a terminal the stage's spinner becomes a bar with an ETA once it knows its steps;
+    /// elsewhere one line every 10 s at most, so that Slurm logs stay readable.
+    fn progress(&mut self, stage: String, done: u64, total: u64, message: &str) {
+        if let Some((bar, _)) = self.running.get(&stage) {
+            if total > 0 && bar.length() != Some(total) {
+                bar.set_length(total);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "  {prefix:.bold} {bar:20.cyan/blue} {pos}/{len} {wide_msg} {elapsed}<{eta}",
+                    )
+                    .expect("template"),
+                );
+            }
+            bar.set_position(done);
+            bar.set_message(message.to_owned());
+        } else if self.bars.is_none() {
+            let now = Instant::now();
+            let due = self
+                .last_plain_progress
+                .get(&stage)
+                .is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(10));
+            if due || done == total {
+                eprintln!("           {stage} [{done}/{total}] {message}");
+                self.last_plain_progress.insert(stage, now);
+            }
+        }
+    }
+
+    fn log(&mut self, stage: String, line: String, verbose: bool) {
+        if verbose || line.starts_with("warning:") || line.starts_with("note:") {
+            say(self, format!("  [{stage}] {line}"));
+        }
+        let tail = self.tails.entry(stage).or_default();
+        if tail.len() == TAIL {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+
+    fn finish(&mut self, stage: &str) {
+        if let Some((bar, _)) = self.running.remove(stage) {
+            bar.finish_and_clear();
+        }
+        self.tick_overall();
     }
 }

@@ -626,6 +626,7 @@ mod tests {
             schema: || Value::Null,
             lint: |_| Vec::new(),
             preflight: |_, _| Ok(()),
+            headline: |_, _| None,
         }])
     }
 

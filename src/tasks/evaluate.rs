@@ -72,6 +72,10 @@ impl Task for Evaluate {
         ]
     }
 
+    fn headline(metrics: &Value, _: &Path) -> Option<String> {
+        Some(headline(metrics))
+    }
+
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let (card, net) = ModelCard::read(inputs.path("model")?)?;
         let set = ImageSet::open(
@@ -264,4 +268,35 @@ fn majority(truth: &[usize], k: usize) -> f64 {
     let mut counts = vec![0usize; k];
     truth.iter().for_each(|&t| counts[t] += 1);
     *counts.iter().max().unwrap_or(&0) as f64 / truth.len().max(1) as f64
+}
+
+/// `acc 0.603 [0.52, 0.68]  F1 0.44  AUC 0.71 [0.64, 0.78]  majority 0.503` from an evaluate
+/// stage's metrics.
+fn headline(m: &Value) -> String {
+    let num = |k: &str| m[k].as_f64();
+    let ci = |k: &str| {
+        m[k].as_array()
+            .filter(|b| b.len() == 2)
+            .map_or(String::new(), |b| {
+                format!(
+                    " [{:.2}, {:.2}]",
+                    b[0].as_f64().unwrap_or(f64::NAN),
+                    b[1].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+    };
+    let mut parts = Vec::new();
+    if let Some(a) = num("accuracy") {
+        parts.push(format!("acc {a:.3}{}", ci("accuracy_ci95")));
+    }
+    if let Some(f) = num("macro_f1") {
+        parts.push(format!("F1 {f:.3}"));
+    }
+    if let Some(a) = num("auc_mean") {
+        parts.push(format!("AUC {a:.3}{}", ci("auc_mean_ci95")));
+    }
+    if let Some(b) = num("majority_baseline") {
+        parts.push(format!("majority {b:.3}"));
+    }
+    parts.join("  ")
 }

@@ -293,7 +293,7 @@ impl TrainingPlan {
     pub fn describe(&self, images: usize) -> Vec<String> {
         let total = self.steps_per_epoch * self.epochs;
         let mut lines = vec![format!(
-            "training on {images} images: {} steps/epoch x {} epochs = {total} steps; peak lr {:.3e} after {} warmup epochs, then cosine; layer decay {}",
+            "note: training on {images} images: {} steps/epoch x {} epochs = {total} steps; peak lr {:.3e} after {} warmup epochs, then cosine; layer decay {}",
             self.steps_per_epoch,
             self.epochs,
             self.peak_lr,

@@ -339,31 +339,33 @@ struct Explainer<'a> {
 impl Explainer<'_> {
     /// Maps of `x` for one class per image (`targets`), from the model and (when asked) the twin.
     fn maps(&self, x: &Tensor, targets: &[usize]) -> Result<ChunkMaps> {
-        let per_image = one_each(targets);
         let model = maps_for(
             &self.net,
             &self.layer,
             x,
-            &per_image,
+            &one_each(targets),
             self.size,
             self.method,
         )?
         .0;
-        let random = match self.p.random_baseline {
-            true => Some(
-                maps_for(
-                    &self.random,
-                    &self.layer,
-                    x,
-                    &per_image,
-                    self.size,
-                    self.method,
-                )?
-                .0,
-            ),
-            false => None,
-        };
+        let random = self.random_maps(x, targets)?;
         Ok(ChunkMaps { model, random })
+    }
+
+    /// The random-weights twin's maps, when the params ask for that baseline.
+    fn random_maps(&self, x: &Tensor, targets: &[usize]) -> Result<Option<Vec<Vec<f32>>>> {
+        if !self.p.random_baseline {
+            return Ok(None);
+        }
+        let maps = maps_for(
+            &self.random,
+            &self.layer,
+            x,
+            &one_each(targets),
+            self.size,
+            self.method,
+        )?;
+        Ok(Some(maps.0))
     }
 
     /// Deletion and insertion AUCs per image (`None` when `deletion_steps` is 0).
@@ -393,7 +395,63 @@ impl Explainer<'_> {
         placed: &[&[PlacedBox]],
         out: &mut Written,
     ) -> Result<()> {
-        let (size, p) = (self.size, self.p);
+        let e = self.explain(set, card, chunk, placed)?;
+        let cls = |c: usize| card.classes[c].as_str();
+        for (j, &i) in chunk.iter().enumerate() {
+            let path = set.dataset.samples[set.sample_of[i]]
+                .path
+                .display()
+                .to_string();
+            let center = self.p.center_fraction;
+            let s = map_stats(&e.maps.model[j], self.size, center);
+            let b = (e.maps.random.as_ref()).map(|m| map_stats(&m[j], self.size, center));
+            let (f, fb) = (e.f_model[j], e.f_base[j]);
+            out.maps.serialize(MapRow {
+                label: cls(e.labels[j]),
+                prediction: cls(e.predicted[j].0),
+                target: cls(e.targets[j]),
+                center_energy: s.center_energy,
+                com_distance: s.com_distance,
+                entropy: s.entropy,
+                random_center_energy: b.map(|b| b.center_energy),
+                random_com_distance: b.map(|b| b.com_distance),
+                random_entropy: b.map(|b| b.entropy),
+                deletion_auc: f.map(|f| f[0]),
+                insertion_auc: f.map(|f| f[1]),
+                random_deletion_auc: fb.map(|f| f[0]),
+                random_insertion_auc: fb.map(|f| f[1]),
+                path: path.clone(),
+            })?;
+            for pb in placed[j] {
+                self.score_box(&e, j, pb, &path, &card.classes, out)?;
+            }
+            out.tally.stats.push(s);
+            out.tally.base_stats.extend(b);
+            out.tally.faith.extend(f);
+            out.tally.base_faith.extend(fb);
+            let (guess, probability) = e.predicted[j];
+            if out.gallery.wants(e.labels[j], e.labels[j] == guess) {
+                out.gallery.offer(Tile {
+                    pos: i,
+                    label: e.labels[j],
+                    predicted: guess,
+                    probability,
+                    map: e.maps.model[j].clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The maps, predictions and faithfulness of one chunk of test images.
+    fn explain(
+        &self,
+        set: &ImageSet,
+        card: &ModelCard,
+        chunk: &[usize],
+        placed: &[&[PlacedBox]],
+    ) -> Result<Explained> {
+        let size = self.size;
         let norm = Normalize {
             mean: card.mean,
             std: card.std,
@@ -407,6 +465,7 @@ impl Explainer<'_> {
             .iter()
             .map(|&i| set.label(i).map(|l| l as usize))
             .collect::<Result<_>>()?;
+        // The labels' maps come with the predictions; explaining the labels reuses them.
         let (label_maps, predicted) = maps_for(
             &self.net,
             &self.layer,
@@ -415,39 +474,21 @@ impl Explainer<'_> {
             size,
             self.method,
         )?;
-        let targets: Vec<usize> = match p.target {
-            Target::Label => labels.clone(),
-            Target::Prediction => predicted.iter().map(|&(c, _)| c).collect(),
-        };
-        let model = match p.target {
-            Target::Label => label_maps,
+        let (targets, maps) = match self.p.target {
+            Target::Label => {
+                let random = self.random_maps(&x, &labels)?;
+                let maps = ChunkMaps {
+                    model: label_maps,
+                    random,
+                };
+                (labels.clone(), maps)
+            }
             Target::Prediction => {
-                maps_for(
-                    &self.net,
-                    &self.layer,
-                    &x,
-                    &one_each(&targets),
-                    size,
-                    self.method,
-                )?
-                .0
+                let targets: Vec<usize> = predicted.iter().map(|&(c, _)| c).collect();
+                let maps = self.maps(&x, &targets)?;
+                (targets, maps)
             }
         };
-        let random = match p.random_baseline {
-            true => Some(
-                maps_for(
-                    &self.random,
-                    &self.layer,
-                    &x,
-                    &one_each(&targets),
-                    size,
-                    self.method,
-                )?
-                .0,
-            ),
-            false => None,
-        };
-        let maps = ChunkMaps { model, random };
         let f_model = self.faithfulness(&x, &maps.model, &targets)?;
         let f_base = match &maps.random {
             Some(r) => self.faithfulness(&x, r, &targets)?,
@@ -462,79 +503,67 @@ impl Explainer<'_> {
                 }
             }
         }
-        let cls = |c: usize| card.classes[c].as_str();
-        for (j, &i) in chunk.iter().enumerate() {
-            let path = set.dataset.samples[set.sample_of[i]]
-                .path
-                .display()
-                .to_string();
-            let s = map_stats(&maps.model[j], size, p.center_fraction);
-            let b = maps
-                .random
-                .as_ref()
-                .map(|m| map_stats(&m[j], size, p.center_fraction));
-            out.maps.serialize(MapRow {
-                label: cls(labels[j]),
-                prediction: cls(predicted[j].0),
-                target: cls(targets[j]),
-                center_energy: s.center_energy,
-                com_distance: s.com_distance,
-                entropy: s.entropy,
-                random_center_energy: b.map(|b| b.center_energy),
-                random_com_distance: b.map(|b| b.com_distance),
-                random_entropy: b.map(|b| b.entropy),
-                deletion_auc: f_model[j].map(|f| f[0]),
-                insertion_auc: f_model[j].map(|f| f[1]),
-                random_deletion_auc: f_base[j].map(|f| f[0]),
-                random_insertion_auc: f_base[j].map(|f| f[1]),
-                path: path.clone(),
+        Ok(Explained {
+            labels,
+            predicted,
+            targets,
+            maps,
+            other,
+            f_model,
+            f_base,
+        })
+    }
+
+    /// Scores box `pb` on image `j` of a chunk against the map of its finding.
+    fn score_box(
+        &self,
+        e: &Explained,
+        j: usize,
+        pb: &PlacedBox,
+        path: &str,
+        classes: &[String],
+        out: &mut Written,
+    ) -> Result<()> {
+        let c = pb.class.unwrap_or(e.targets[j]);
+        let m = e.other.get(&c).unwrap_or(&e.maps);
+        let bs = box_stats(&m.model[j], self.size, pb.xywh, self.iou_threshold);
+        let rs =
+            (m.random.as_ref()).map(|r| box_stats(&r[j], self.size, pb.xywh, self.iou_threshold));
+        let [x, y, w, h] = pb.xywh;
+        if let Some(csv) = &mut out.boxes {
+            csv.serialize(BoxRow {
+                path,
+                finding: &pb.finding,
+                explained_class: &classes[c],
+                x,
+                y,
+                w,
+                h,
+                hit: bs.hit as u8,
+                iou: bs.iou,
+                energy_in_box: bs.energy,
+                random_hit: rs.map(|r| r.hit as u8),
+                random_iou: rs.map(|r| r.iou),
+                random_energy_in_box: rs.map(|r| r.energy),
             })?;
-            for pb in placed[j] {
-                let c = pb.class.unwrap_or(targets[j]);
-                let m = other.get(&c).unwrap_or(&maps);
-                let bs = box_stats(&m.model[j], size, pb.xywh, self.iou_threshold);
-                let rs = m
-                    .random
-                    .as_ref()
-                    .map(|r| box_stats(&r[j], size, pb.xywh, self.iou_threshold));
-                let [x, y, w, h] = pb.xywh;
-                if let Some(csv) = &mut out.boxes {
-                    csv.serialize(BoxRow {
-                        path: &path,
-                        finding: &pb.finding,
-                        explained_class: cls(c),
-                        x,
-                        y,
-                        w,
-                        h,
-                        hit: bs.hit as u8,
-                        iou: bs.iou,
-                        energy_in_box: bs.energy,
-                        random_hit: rs.map(|r| r.hit as u8),
-                        random_iou: rs.map(|r| r.iou),
-                        random_energy_in_box: rs.map(|r| r.energy),
-                    })?;
-                }
-                out.tally.box_model.push(bs);
-                out.tally.box_base.extend(rs);
-            }
-            out.tally.stats.push(s);
-            out.tally.base_stats.extend(b);
-            out.tally.faith.extend(f_model[j]);
-            out.tally.base_faith.extend(f_base[j]);
-            let (guess, probability) = predicted[j];
-            if out.gallery.wants(labels[j], labels[j] == guess) {
-                out.gallery.offer(Tile {
-                    pos: i,
-                    label: labels[j],
-                    predicted: guess,
-                    probability,
-                    map: maps.model[j].clone(),
-                });
-            }
         }
+        out.tally.box_model.push(bs);
+        out.tally.box_base.extend(rs);
         Ok(())
     }
+}
+
+/// What one chunk of test images gives: the classes explained, their maps and faithfulness.
+struct Explained {
+    labels: Vec<usize>,
+    /// Predicted class and its probability, per image.
+    predicted: Vec<(usize, f64)>,
+    targets: Vec<usize>,
+    maps: ChunkMaps,
+    /// Maps of classes other than an image's target, for boxes of another finding.
+    other: BTreeMap<usize, ChunkMaps>,
+    f_model: Vec<Option<[f64; 2]>>,
+    f_base: Vec<Option<[f64; 2]>>,
 }
 
 /// One class to explain per image, as `grad_cam` takes them.
