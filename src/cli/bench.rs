@@ -96,9 +96,14 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         let n = (batch * batches).min(decoded.len());
         let d = decoded.clone();
         let start = Instant::now();
-        let rx = loader::epoch(n, batch, true, false, 0, 0, size, move |i, rng| {
-            vec![(norm.apply(loader::view(&d, i, size, Some(&aug), rng)), 0)]
-        });
+        let rx = loader::epoch(
+            n,
+            batch,
+            loader::Order::Shuffled { seed: 0, epoch: 0 },
+            loader::LastBatch::Keep,
+            size,
+            move |i, rng| vec![(norm.apply(loader::view(&d, i, size, Some(&aug), rng)), 0)],
+        );
         let got: usize = rx.map(|b| b.n).sum();
         let loader_rate = got as f64 / start.elapsed().as_secs_f64();
 

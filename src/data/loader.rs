@@ -97,32 +97,46 @@ impl Iterator for Batches {
     }
 }
 
+/// The order an epoch visits its items in.
+#[derive(Debug, Clone, Copy)]
+pub enum Order {
+    /// Item 0 first (scoring).
+    InOrder,
+    /// Shuffled by (seed, epoch), which also seed each item's random stream: the same seed and
+    /// epoch give the same batches.
+    Shuffled { seed: u64, epoch: u64 },
+}
+
+/// What becomes of a last batch shorter than `per_batch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastBatch {
+    Keep,
+    /// Dropped, as the reference trainers do (a small last batch is a noisy step).
+    Drop,
+}
+
 /// Batches of `per_batch` items for one epoch, built ahead on another thread. `make` turns an item
 /// into one or more samples, drawing only from the stream it is given (seed, epoch, item).
-#[allow(clippy::too_many_arguments)]
 pub fn epoch<F>(
     items: usize,
     per_batch: usize,
-    shuffle: bool,
-    drop_last: bool,
-    seed: u64,
-    epoch: u64,
+    order: Order,
+    last: LastBatch,
     size: usize,
     make: F,
 ) -> Batches
 where
     F: Fn(usize, &mut Rng) -> Vec<Sample> + Send + Sync + 'static,
 {
-    let order = if shuffle {
-        shuffled(items, seed, epoch)
-    } else {
-        (0..items).collect()
+    let (seed, epoch, order) = match order {
+        Order::InOrder => (0, 0, (0..items).collect::<Vec<_>>()),
+        Order::Shuffled { seed, epoch } => (seed, epoch, shuffled(items, seed, epoch)),
     };
     let (tx, rx) = sync_channel::<Result<Batch, String>>(2);
     let make = Arc::new(make);
     std::thread::spawn(move || {
         for chunk in order.chunks(per_batch.max(1)) {
-            if drop_last && chunk.len() < per_batch {
+            if last == LastBatch::Drop && chunk.len() < per_batch {
                 break;
             }
             let built = crate::panics::catch(|| build(chunk, size, seed, epoch, &*make));
@@ -168,7 +182,7 @@ mod tests {
 
     #[test]
     fn a_sample_that_panics_ends_the_epoch_with_that_panic_not_silently() {
-        let batches = epoch(10, 4, false, false, 0, 0, 1, |i, _| {
+        let batches = epoch(10, 4, Order::InOrder, LastBatch::Keep, 1, |i, _| {
             assert!(i != 6, "sample {i} is broken");
             vec![(vec![0.0], 0)]
         });

@@ -319,10 +319,11 @@ fn epoch_batches(
     loader::epoch(
         train.len(),
         p.batch,
-        true,
-        false,
-        p.seed,
-        epoch as u64,
+        loader::Order::Shuffled {
+            seed: p.seed,
+            epoch: epoch as u64,
+        },
+        loader::LastBatch::Keep,
         size,
         move |item, rng| {
             vec![(

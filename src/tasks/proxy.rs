@@ -215,10 +215,11 @@ impl Step for ProxyTraining<'_> {
         loader::epoch(
             samples.train.len(),
             self.p.batch,
-            true,
-            false,
-            self.p.seed,
-            epoch as u64,
+            loader::Order::Shuffled {
+                seed: self.p.seed,
+                epoch: epoch as u64,
+            },
+            loader::LastBatch::Keep,
             self.p.backbone.img_size,
             move |i, rng| samples.of(i, rng),
         )

@@ -62,10 +62,15 @@ impl Step for FineTuning<'_> {
         loader::epoch(
             n,
             self.p.batch,
-            true,
-            n > self.p.batch,
-            self.p.seed,
-            epoch as u64,
+            loader::Order::Shuffled {
+                seed: self.p.seed,
+                epoch: epoch as u64,
+            },
+            if n > self.p.batch {
+                loader::LastBatch::Drop
+            } else {
+                loader::LastBatch::Keep
+            },
             v.size,
             move |i, rng| {
                 vec![(

@@ -44,10 +44,8 @@ pub fn score(
     let rx = loader::epoch(
         positions.len(),
         64,
-        false,
-        false,
-        0,
-        0,
+        loader::Order::InOrder,
+        loader::LastBatch::Keep,
         size,
         move |i, _| vec![(norm.apply(loader::resized(&d, pos[i], size)), lab[i])],
     );
