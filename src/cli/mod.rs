@@ -82,8 +82,8 @@ enum Command {
     ExecJob(ExecJobArgs),
     /// Run a command stage's shell command in its own process group, and stop the group when
     /// pretext is interrupted or dies (see src/tasks/command.rs).
-    #[command(hide = true)]
-    CommandGuard(CommandGuardArgs),
+    #[command(hide = true, name = "command-guard")]
+    Guard(CommandGuardArgs),
 }
 
 #[derive(Args)]
@@ -287,7 +287,7 @@ pub fn main() -> ExitCode {
         Command::Data(a) => data::data(a),
         Command::Bench(a) => bench::bench(a),
         Command::ExecJob(a) => exec_job(a, &catalog),
-        Command::CommandGuard(a) => crate::tasks::command::guard(a.parent, a.hold_fd, &a.run)
+        Command::Guard(a) => crate::tasks::command::guard(a.parent, a.hold_fd, &a.run)
             .map(|code| ExitCode::from(code.clamp(0, 255) as u8)),
         Command::Results(a) => results::results(a),
         Command::Kinds(a) => kinds::kinds(a, &catalog),

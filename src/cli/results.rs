@@ -273,7 +273,7 @@ fn sort(rows: &mut [Row], key: SortKey) {
     let by =
         |name: &'static str| move |a: &Row, b: &Row| metric(b, name).total_cmp(&metric(a, name));
     match key {
-        SortKey::Date => rows.sort_by(|a, b| b.at_unix.cmp(&a.at_unix)),
+        SortKey::Date => rows.sort_by_key(|r| std::cmp::Reverse(r.at_unix)),
         SortKey::Accuracy => rows.sort_by(by("accuracy")),
         SortKey::MacroF1 => rows.sort_by(by("macro_f1")),
         SortKey::Auc => rows.sort_by(by("auc_mean")),

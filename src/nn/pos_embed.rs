@@ -8,7 +8,7 @@ use candle_core::{Device, Result, Tensor};
 
 pub fn sincos_2d(embed_dim: usize, grid: usize, cls_token: bool) -> Vec<f64> {
     assert!(
-        embed_dim % 4 == 0,
+        embed_dim.is_multiple_of(4),
         "sin-cos position embedding needs embed_dim divisible by 4"
     );
     let quarter = embed_dim / 4;

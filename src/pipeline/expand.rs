@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 
 pub(super) type Binding = BTreeMap<String, Value>;
 
+/// A template's matrix axes, and its instances with their bindings and stage indices.
+pub(super) type Expansion = (Vec<String>, Vec<(Binding, usize)>);
+
 pub(super) struct Expander<'a> {
     pub(super) file: &'a Path,
     pub(super) root: PathBuf,
@@ -27,7 +30,7 @@ pub(super) struct Expander<'a> {
     pub(super) vars: Vec<(String, Value)>,
     pub(super) stages: Vec<PlannedStage>,
     /// Per template: its axes, and its instances with their bindings.
-    pub(super) expanded: HashMap<String, (Vec<String>, Vec<(Binding, usize)>)>,
+    pub(super) expanded: HashMap<String, Expansion>,
     /// Per source file: the line of each stage, found in one pass when first needed.
     pub(super) stage_lines: HashMap<usize, HashMap<String, (usize, usize)>>,
 }

@@ -219,7 +219,7 @@ impl Task for MaeTask {
         within("min_lr", p.min_lr, 0.0, f64::MAX, false)?;
         within("decode_scale", p.decode_scale, 1.0, 8.0, false)?;
         crop_scale(p.crop_scale)?;
-        if p.backbone.img_size % p.backbone.patch != 0 {
+        if !p.backbone.img_size.is_multiple_of(p.backbone.patch) {
             return Err(format!(
                 "`img_size` {} is not a multiple of the masking `patch` {}",
                 p.backbone.img_size, p.backbone.patch
@@ -237,7 +237,7 @@ impl Task for MaeTask {
             positive("decoder_dim", p.decoder_dim)?;
             positive("decoder_depth", p.decoder_depth)?;
             positive("decoder_heads", p.decoder_heads)?;
-            if p.decoder_dim % p.decoder_heads != 0 {
+            if !p.decoder_dim.is_multiple_of(p.decoder_heads) {
                 return Err(format!(
                     "{} `decoder_heads` do not divide `decoder_dim` {}",
                     p.decoder_heads, p.decoder_dim
@@ -426,7 +426,7 @@ fn run_vit(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
 
 fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
     let dev = ctx.compute_device()?;
-    if p.backbone.img_size % p.backbone.patch != 0 {
+    if !p.backbone.img_size.is_multiple_of(p.backbone.patch) {
         bail!(
             "img_size {} is not a multiple of the masking patch {}",
             p.backbone.img_size,
@@ -448,7 +448,7 @@ fn run_cnn(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         None,
     )?;
     let (_, channels, side, _) = probe.dims4()?;
-    if p.backbone.img_size % side != 0 {
+    if !p.backbone.img_size.is_multiple_of(side) {
         bail!(
             "img_size {} is not a multiple of the feature map ({side})",
             p.backbone.img_size
@@ -544,6 +544,7 @@ impl<F: Fn(&Tensor, usize, usize, &mut Rng) -> Result<Tensor>> Step for Pretrain
 }
 
 /// The pretraining run of either variant: AdamW with MAE's betas on the warmup-cosine schedule.
+#[allow(clippy::too_many_arguments)] // the run's data, weights and loss; bundling them would name a type used once
 fn train_loop(
     p: &Params,
     set: &ImageSet,

@@ -127,7 +127,9 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
             continue;
         }
         let err = (x - y).abs();
-        if !(err <= atol + rtol * y.abs()) && worst.is_none_or(|(_, w)| err > w) {
+        // Written so that a NaN error counts as outside the tolerance.
+        let within = err <= atol + rtol * y.abs();
+        if !within && worst.is_none_or(|(_, w)| err > w) {
             worst = Some((i, err));
         }
     }

@@ -400,7 +400,8 @@ fn gradcam_matches_pytorch_grad_cam() {
 /// `load_state_dict` in timm or torchvision cannot fail on a missing or extra key.
 #[test]
 fn exported_weights_have_the_reference_state_dict_keys_and_shapes() {
-    let cases: [(&str, fn(&Value, &ParamStore)); 3] = [
+    type Build = fn(&Value, &ParamStore);
+    let cases: [(&str, Build); 3] = [
         ("timm.models.vision_transformer", |c, p| {
             let cfg: VitConfig = serde_json::from_value(c.clone()).unwrap();
             Vit::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();

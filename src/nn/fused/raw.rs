@@ -199,6 +199,7 @@ pub(super) unsafe fn gemm_by_rows(
 ///
 /// # Safety
 /// As `gemm_into`.
+#[allow(clippy::too_many_arguments)] // the GEMM's own shape: m, n, k, the output and two views
 pub(super) unsafe fn matmul(
     m: usize,
     n: usize,

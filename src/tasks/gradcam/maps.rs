@@ -7,6 +7,9 @@ use crate::tasks::net::Net;
 use anyhow::Result;
 use candle_core::Tensor;
 
+/// Per image: the predicted class and its probability.
+pub(super) type Predicted = Vec<(usize, f64)>;
+
 /// Maps of `x` for `targets`, and per image the predicted class with its probability.
 pub(super) fn maps_for(
     net: &Net,
@@ -15,7 +18,7 @@ pub(super) fn maps_for(
     targets: &[Vec<usize>],
     size: usize,
     method: CamMethod,
-) -> Result<(Vec<Vec<f32>>, Vec<(usize, f64)>)> {
+) -> Result<(Vec<Vec<f32>>, Predicted)> {
     let mut predicted = Vec::new();
     let cam = grad_cam(
         |taps| {

@@ -179,7 +179,7 @@ impl NetDesc {
             (name, _) => VitConfig::preset(name, self.img_size, self.patch, 1, self.num_classes)
                 .with_context(|| format!("unknown model `{name}`; known: {}", KNOWN.join(", ")))?,
         };
-        if self.img_size % self.patch != 0 {
+        if !self.img_size.is_multiple_of(self.patch) {
             bail!(
                 "img_size {} is not a multiple of patch {}",
                 self.img_size,
@@ -206,7 +206,7 @@ impl NetDesc {
         positive("patch", self.patch)?;
         super::checks::within("drop_path", self.drop_path, 0.0, 1.0, true)?;
         if self.is_vit() {
-            if self.img_size % self.patch != 0 {
+            if !self.img_size.is_multiple_of(self.patch) {
                 return Err(format!(
                     "`img_size` {} is not a multiple of `patch` {}",
                     self.img_size, self.patch
@@ -324,10 +324,9 @@ impl Net {
 
     /// Logits; `rng` is `Some` in training (BatchNorm uses batch statistics, DropPath is active).
     pub fn logits(&self, x: &Tensor, rng: Option<&mut Rng>, taps: &mut Taps) -> Result<Tensor> {
-        Ok(self
-            .forward(x, rng, taps)?
+        self.forward(x, rng, taps)?
             .1
-            .context("this network has no head")?)
+            .context("this network has no head")
     }
 
     /// (pooled features, logits).

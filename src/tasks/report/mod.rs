@@ -238,7 +238,8 @@ fn fraction_figures(evaluations: &[&Route]) -> Vec<String> {
     if families.is_empty() {
         return Vec::new();
     }
-    let series = |pick: &dyn Fn(&(f64, Summary, Option<Summary>)) -> Option<Summary>| {
+    type Point = (f64, Summary, Option<Summary>);
+    let series = |pick: &dyn Fn(&Point) -> Option<Summary>| {
         families
             .iter()
             .map(|f| {

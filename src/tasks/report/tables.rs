@@ -223,17 +223,17 @@ fn correct(header: &csv::StringRecord, row: &csv::StringRecord) -> Option<f64> {
     Some((at("label")? == at("prediction")?) as u8 as f64)
 }
 
+/// A statistic compared between routes: (label, file, its value from the header and a row).
+pub type PairedStatistic<'a> = (
+    &'a str,
+    &'a str,
+    &'a dyn Fn(&csv::StringRecord, &csv::StringRecord) -> Option<f64>,
+);
+
 /// Every pair of routes per statistic: the Wilcoxon signed-rank test over the test images both
 /// routes scored, each image's value averaged over the route's seeds, Holm-adjusted per
 /// statistic. `statistics`: (label, file, value of a row).
-pub fn paired(
-    routes: &[&Route],
-    statistics: &[(
-        &str,
-        &str,
-        &dyn Fn(&csv::StringRecord, &csv::StringRecord) -> Option<f64>,
-    )],
-) -> Result<Vec<PairedRow>> {
+pub fn paired(routes: &[&Route], statistics: &[PairedStatistic]) -> Result<Vec<PairedRow>> {
     let mut rows = Vec::new();
     for (label, file, value) in statistics {
         let means: Vec<(String, BTreeMap<String, f64>)> = routes
