@@ -36,7 +36,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The room of a file: `src/exec/slurm.rs` is `exec`, `src/stage.rs` is `stage`.
+/// The room of a file: `src/exec/slurm/queue.rs` is `exec`, `src/stage.rs` is `stage`.
 fn room(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).unwrap();
     let first = rel
