@@ -98,6 +98,22 @@ impl Step for FineTuning<'_> {
         )?)
     }
 
+    /// `  val acc 0.537 (kept: epoch 12, 0.552)` once an epoch is scored: the checkpoint kept
+    /// so far is the one `select` prefers.
+    fn progress_note(h: &History) -> String {
+        match h.val_accuracy.last() {
+            Some(last) => format!(
+                "  val acc {last:.3} (kept: epoch {}, {:.3})",
+                h.best_epoch,
+                h.val_accuracy
+                    .get(h.best_epoch.wrapping_sub(1))
+                    .copied()
+                    .unwrap_or(*last)
+            ),
+            None => String::new(),
+        }
+    }
+
     fn end_epoch(
         &mut self,
         epoch: usize,

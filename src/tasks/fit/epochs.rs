@@ -30,6 +30,11 @@ pub trait Step {
         history: &mut Self::History,
         ctx: &StageCtx,
     ) -> Result<()>;
+    /// What the live progress line shows after the loss, from the epochs done so far (a
+    /// fine-tune's validation accuracy); empty by default.
+    fn progress_note(_history: &Self::History) -> String {
+        String::new()
+    }
 }
 
 /// How the loop runs: epochs, steps, the schedule, clipping, and the stream the per-step draws
@@ -70,6 +75,7 @@ pub fn run_epochs<S: Step>(
     let steps = plan.steps_per_epoch;
     for epoch in start..plan.epochs {
         let mut epoch_loss = EpochLoss::new(epoch, plan.epochs, steps);
+        epoch_loss.note = S::progress_note(&history);
         let mut rng = Rng::stream(plan.seed, epoch as u64, plan.stream);
         let mut lr = 0.0;
         for (step, b) in kind.batches(epoch).enumerate() {
@@ -103,6 +109,8 @@ struct EpochLoss {
     steps: usize,
     sum: f64,
     images: usize,
+    /// Shown after the loss: the kind's word on the epochs before this one.
+    note: String,
 }
 
 impl EpochLoss {
@@ -114,6 +122,7 @@ impl EpochLoss {
             steps,
             sum: 0.0,
             images: 0,
+            note: String::new(),
         }
     }
 
@@ -125,10 +134,11 @@ impl EpochLoss {
             (self.epoch * self.steps + step + 1) as u64,
             (self.epochs * self.steps) as u64,
             format!(
-                "epoch {}/{} loss {:.4}",
+                "epoch {}/{} loss {:.4}{}",
                 self.epoch + 1,
                 self.epochs,
-                self.sum / self.images as f64
+                self.sum / self.images as f64,
+                self.note
             ),
         );
     }
