@@ -233,8 +233,7 @@ pub struct StageCtx<'a> {
     pub workdir: PathBuf,
     /// Shared by all stages for derived data that can always be recomputed (decoded images).
     pub scratch_dir: PathBuf,
-    /// `cpu` or `cuda:N`.
-    pub device: String,
+    pub device: Device,
     pub threads: usize,
     pub cancel: Arc<AtomicBool>,
     pub progress: &'a (dyn Fn(Progress) + Sync),
@@ -247,37 +246,91 @@ pub struct StageCtx<'a> {
     pub lease: Option<std::os::fd::RawFd>,
 }
 
-/// The CUDA ordinal a device string names (`cuda` is `cuda:0`), or `None` for `cpu`.
-pub fn parse_device(name: &str) -> Result<Option<usize>> {
-    match name {
-        "cpu" => Ok(None),
-        "cuda" => Ok(Some(0)),
-        n => n
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-            .map(Some)
-            .ok_or_else(|| anyhow!("unknown device `{n}`: use cpu, cuda, cuda:N or auto")),
+/// Where a stage computes: the CPU or one CUDA card. Written and read as `cpu` / `cuda:N`
+/// (`cuda` alone is `cuda:0`), in flags, job files and `PRETEXT_DEVICE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(name: &str) -> std::result::Result<Device, String> {
+        match name {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            n => n
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse::<usize>().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{n}`: use cpu, cuda, cuda:N or auto")),
+        }
     }
 }
 
-/// The candle device a device string names: `cpu`, `cuda` or `cuda:N`.
-pub fn compute_device(name: &str) -> Result<candle_core::Device> {
-    let Some(ordinal) = parse_device(name)? else {
-        return Ok(candle_core::Device::Cpu);
-    };
-    if !candle_core::utils::cuda_is_available() {
-        bail!(
-            "device `{name}`: this pretext was built without CUDA; build it with \
-             `cargo build --release --features cuda` (tools/cuda/build.sh) or use --device cpu"
-        );
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Device, String> {
+        s.parse()
     }
-    candle_core::Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl Device {
+    /// The candle device; a CUDA device in a build without CUDA says how to get one.
+    pub fn open(self) -> Result<candle_core::Device> {
+        let Device::Cuda(ordinal) = self else {
+            return Ok(candle_core::Device::Cpu);
+        };
+        if !candle_core::utils::cuda_is_available() {
+            bail!(
+                "device `{self}`: this pretext was built without CUDA; build it with \
+                 `cargo build --release --features cuda` (tools/cuda/build.sh) or use --device cpu"
+            );
+        }
+        candle_core::Device::new_cuda(ordinal)
+            .with_context(|| format!("opening CUDA device {ordinal}"))
+    }
+}
+
+/// What a run was asked for: one device for every stage, or `auto` (a GPU stage on the card the
+/// scheduler gives it, every other stage on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Fixed(Device),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(name: &str) -> std::result::Result<DeviceChoice, String> {
+        match name {
+            "auto" => Ok(DeviceChoice::Auto),
+            n => n.parse().map(DeviceChoice::Fixed),
+        }
+    }
 }
 
 impl StageCtx<'_> {
     /// Where this stage's models and batches live.
     pub fn compute_device(&self) -> Result<candle_core::Device> {
-        compute_device(&self.device)
+        self.device.open()
     }
 
     pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
@@ -294,5 +347,29 @@ impl StageCtx<'_> {
     }
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_read_and_write_as_the_flags_spell_them() {
+        assert_eq!("cpu".parse(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
+        assert_eq!(
+            "cuda:3".parse::<Device>().map(|d| d.to_string()),
+            Ok("cuda:3".into())
+        );
+        assert!("gpu0"
+            .parse::<Device>()
+            .unwrap_err()
+            .contains("unknown device `gpu0`"));
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("cpu".parse(), Ok(DeviceChoice::Fixed(Device::Cpu)));
+        let json = serde_json::to_string(&Device::Cuda(1)).unwrap();
+        assert_eq!(json, "\"cuda:1\"");
+        assert!(serde_json::from_str::<Device>("\"tpu\"").is_err());
     }
 }

@@ -85,7 +85,7 @@ pub struct TrainArgs {
     /// Where candle runs the step: cpu or cuda:N (needs a CUDA build). The PyTorch twin runs on
     /// the same device.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: crate::stage::Device,
     /// Before timing, run one forward and backward on --device and on the CPU with the same
     /// weights and batch, and fail if the loss or any gradient differs by more than this
     /// fraction of the gradient's largest value (e.g. 1e-3).
@@ -161,8 +161,7 @@ fn in_process(args: &TrainArgs, threads: usize) -> Result<ExitCode> {
     // candle's kernels and the gemm crate size their pools from this variable; nothing has
     // started a pool yet at this point.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    let dev = crate::stage::compute_device(&args.device)
-        .map_err(|e| super::UsageError(format!("--device: {e:#}")))?;
+    let dev = (args.device.open()).map_err(|e| super::UsageError(format!("--device: {e:#}")))?;
     if let Some(tolerance) = args.compare_cpu {
         let worst = compare_with_cpu(args, &dev, tolerance)?;
         if worst > tolerance {
@@ -170,7 +169,13 @@ fn in_process(args: &TrainArgs, threads: usize) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
-    let ours = measure(&args.shape, args.steps, threads, &dev, &args.device)?;
+    let ours = measure(
+        &args.shape,
+        args.steps,
+        threads,
+        &dev,
+        &args.device.to_string(),
+    )?;
     if args.json {
         println!("{}", serde_json::to_string(&ours)?);
     } else {
@@ -328,7 +333,7 @@ fn shape_args(a: &TrainArgs, threads: usize) -> Vec<String> {
         ("--batch", s.batch.to_string()),
         ("--steps", a.steps.to_string()),
         ("--threads", threads.to_string()),
-        ("--device", a.device.clone()),
+        ("--device", a.device.to_string()),
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_owned(), v])

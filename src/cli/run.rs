@@ -8,7 +8,7 @@ use crate::exec::slurm::{self, SlurmConfig, SlurmRun};
 use crate::exec::{run_plan, RunOptions};
 use crate::pipeline::config::user_executor;
 use crate::pipeline::spec::{ExecutorKind, ExecutorSpec};
-use crate::stage::Catalog;
+use crate::stage::{Catalog, DeviceChoice};
 use anyhow::Result;
 use clap::Args;
 use std::process::ExitCode;
@@ -29,7 +29,7 @@ pub struct RunArgs {
     /// Where stages run their models: cpu, cuda:N, or auto (cuda:0 with --gpus, else cpu; on
     /// Slurm: cuda:0 for stages that ask for a GPU).
     #[arg(long, default_value = "auto")]
-    device: String,
+    device: DeviceChoice,
     /// Where stages run: `local` (this machine) or `slurm` (one sbatch job per stale stage,
     /// against this cache on a shared filesystem) [default: the pipeline's or config file's
     /// `executor.type`, else local].
@@ -67,15 +67,11 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
     let force = forced(&args.force, &loaded)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let jobs = args.jobs.map_or(cpus, usize::from);
-    if args.device != "auto" {
-        crate::stage::parse_device(&args.device)
-            .map_err(|e| UsageError(format!("--device: {e}")))?;
-    }
     let local = Local {
         catalog,
         workdir: loaded.plan.root.clone(),
         scratch_dir: loaded.store.scratch_dir(),
-        device: args.device.clone(),
+        device: args.device,
         threads: (cpus / jobs).max(1),
         cancel: interrupt.flag.clone(),
     };
@@ -112,7 +108,10 @@ pub fn run(args: RunArgs, catalog: &Catalog) -> Result<ExitCode> {
             &opts,
             &SlurmRun {
                 config,
-                device: (args.device != "auto").then(|| args.device.clone()),
+                device: match args.device {
+                    DeviceChoice::Auto => None,
+                    DeviceChoice::Fixed(d) => Some(d),
+                },
                 interrupted: &interrupt.flag,
             },
             sink,

@@ -6,7 +6,7 @@ use super::events::{Event, EventSink};
 use super::keys::Keyed;
 use crate::cache::store::{EntryState, Manifest, Staging, MANIFEST_SCHEMA};
 use crate::cache::Store;
-use crate::stage::{Catalog, Inputs, Progress, StageCtx};
+use crate::stage::{Catalog, Device, DeviceChoice, Inputs, Progress, StageCtx};
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::fs::File;
@@ -28,8 +28,8 @@ pub struct Local<'a> {
     pub catalog: &'a Catalog,
     pub workdir: PathBuf,
     pub scratch_dir: PathBuf,
-    /// `cpu`, `cuda:N`, or `auto`: each stage on the GPU the scheduler gave it, else the CPU.
-    pub device: String,
+    /// `auto`: each stage on the GPU the scheduler gave it, else the CPU.
+    pub device: DeviceChoice,
     pub threads: usize,
     pub cancel: Arc<AtomicBool>,
 }
@@ -131,7 +131,7 @@ fn run_and_publish(
         wall_s,
         peak_rss_kib: peak,
         host: hostname(),
-        device: local.device_for(job),
+        device: local.device_for(job).to_string(),
         pretext_version: env!("CARGO_PKG_VERSION").to_owned(),
         pretext_commit: env!("PRETEXT_COMMIT").to_owned(),
         invocation: std::env::args().collect(),
@@ -151,11 +151,11 @@ fn run_and_publish(
 
 impl Local<'_> {
     /// The device a stage runs on: the one asked for, or under `auto` its first assigned GPU.
-    fn device_for(&self, job: &Job) -> String {
-        match (self.device.as_str(), job.gpus.first()) {
-            ("auto", Some(g)) => format!("cuda:{g}"),
-            ("auto", None) => "cpu".into(),
-            (named, _) => named.to_owned(),
+    fn device_for(&self, job: &Job) -> Device {
+        match (self.device, job.gpus.first()) {
+            (DeviceChoice::Auto, Some(&g)) => Device::Cuda(g as usize),
+            (DeviceChoice::Auto, None) => Device::Cpu,
+            (DeviceChoice::Fixed(d), _) => d,
         }
     }
 

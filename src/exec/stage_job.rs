@@ -15,7 +15,7 @@ use super::cached::{self, Job, Local, Outcome};
 use super::events::EventSink;
 use super::keys::Keyed;
 use crate::cache::Store;
-use crate::stage::{Catalog, InputValue, Inputs};
+use crate::stage::{Catalog, Device, DeviceChoice, InputValue, Inputs};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -36,7 +36,7 @@ pub struct StageJob {
     pub inputs: BTreeMap<String, InputValue>,
     pub cache: PathBuf,
     pub workdir: PathBuf,
-    pub device: String,
+    pub device: Device,
     pub force: bool,
 }
 
@@ -73,7 +73,7 @@ impl StageJob {
             catalog,
             workdir: self.workdir.clone(),
             scratch_dir: store.scratch_dir(),
-            device: self.device.clone(),
+            device: DeviceChoice::Fixed(self.device),
             threads,
             cancel,
         };

@@ -76,7 +76,7 @@ impl Task for Command {
         cmd.env("PRETEXT_OUT", &out)
             .env("PRETEXT_CHECKPOINT", &ctx.checkpoint_dir)
             .env("PRETEXT_STAGE", ctx.stage)
-            .env("PRETEXT_DEVICE", &ctx.device)
+            .env("PRETEXT_DEVICE", ctx.device.to_string())
             .env("PRETEXT_PARAMS", serde_json::to_string(&p.extra)?);
         for (name, value) in &p.extra {
             let text = match value {

@@ -143,7 +143,7 @@ impl Following<'_> {
             self.store,
             i,
             self.opts.force[i],
-            self.slurm.device.as_deref(),
+            self.slurm.device,
         );
         let config = &self.slurm.config;
         let files = JobFiles::write(run_dir, i, &job, &config.pretext)?;

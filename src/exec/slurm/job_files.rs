@@ -8,6 +8,7 @@ use crate::exec::keys::Keyed;
 use crate::exec::resolve_inputs;
 use crate::exec::stage_job::{StageJob, STAGE_JOB_SCHEMA};
 use crate::pipeline::Plan;
+use crate::stage::Device;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,19 +31,15 @@ pub(super) fn stage_job(
     store: &Store,
     i: usize,
     force: bool,
-    device: Option<&str>,
+    device: Option<Device>,
 ) -> StageJob {
     let stage = &plan.stages[i];
-    let device = device.map_or_else(
-        || {
-            if stage.resources.gpu.unwrap_or(0) > 0 {
-                "cuda:0".to_owned()
-            } else {
-                "cpu".to_owned()
-            }
-        },
-        str::to_owned,
-    );
+    // Slurm maps the job's GPU to cuda:0 (CUDA_VISIBLE_DEVICES).
+    let device = device.unwrap_or(if stage.resources.gpu.unwrap_or(0) > 0 {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    });
     StageJob {
         schema: STAGE_JOB_SCHEMA,
         stage: stage.name.clone(),

@@ -22,6 +22,7 @@ mod queue;
 pub use follow::run_plan;
 
 use crate::pipeline::spec::ExecutorSpec;
+use crate::stage::Device;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -65,7 +66,7 @@ pub struct SlurmRun<'a> {
     pub config: SlurmConfig,
     /// `--device` when given; otherwise `cuda:0` for stages that ask for a GPU (Slurm remaps
     /// `CUDA_VISIBLE_DEVICES`), `cpu` for the rest.
-    pub device: Option<String>,
+    pub device: Option<Device>,
     /// Set on Ctrl-C: every job of this run is cancelled.
     pub interrupted: &'a AtomicBool,
 }
