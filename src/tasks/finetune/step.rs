@@ -153,3 +153,20 @@ impl Step for FineTuning<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_line_shows_the_last_validation_accuracy_and_the_kept_epoch() {
+        let mut h = History::default();
+        assert_eq!(FineTuning::progress_note(&h), "");
+        h.val_accuracy = vec![0.4, 0.55, 0.5];
+        h.best_epoch = 2;
+        assert_eq!(
+            FineTuning::progress_note(&h),
+            "  val acc 0.500 (kept: epoch 2, 0.550)"
+        );
+    }
+}
