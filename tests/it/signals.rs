@@ -111,3 +111,65 @@ fn a_rerun_after_a_kill_publishes_only_its_own_output() {
     let pids: std::collections::BTreeSet<&str> = text.lines().collect();
     assert_eq!(pids.len(), 1, "writers: {pids:?}");
 }
+
+/// A fine-tune stopped by Ctrl-C resumes from its last whole epoch. Its default checkpoint rule
+/// (best validation accuracy, ties keep the earliest) used to write a tie-breaker JSON could not
+/// read back, so every such stage silently started over.
+#[test]
+fn an_interrupted_fine_tune_resumes_from_its_last_epoch() {
+    let p = Project::new();
+    crate::science::tiny_data(&p, 6, 3, 0);
+    p.write(
+        "pipelines/ft.yaml",
+        r#"
+data:
+  shoulder: { path: data/shoulder }
+stages:
+  ft:
+    kind: finetune
+    inputs: { data: data.shoulder }
+    params: { model: vit, vit_dims: [16, 1, 2], img_size: 16, patch: 4, epochs: 300, batch: 8, val_fraction: 0.25 }
+"#,
+    );
+    let mut child = p
+        .command(&["run", "pipelines/ft.yaml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tmp = p.path().join("cache/tmp");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let epochs_done = || {
+        std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("log.txt")).ok())
+            .map(|log| log.matches(" train loss ").count())
+            .max()
+            .unwrap_or(0)
+    };
+    while epochs_done() < 3 {
+        assert!(Instant::now() < deadline, "the fine-tune never got to epoch 3");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signals the pretext process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert_eq!(p.entries("finetune"), 0, "an interrupted stage publishes nothing");
+
+    p.run(&["run", "pipelines/ft.yaml"]).ok();
+    let log = std::fs::read_dir(p.path().join("cache/finetune"))
+        .unwrap()
+        .flatten()
+        .find_map(|e| std::fs::read_to_string(e.path().join("log.txt")).ok())
+        .expect("the rerun published the entry");
+    assert!(!log.contains("unreadable"), "{log}");
+    let resumed = log
+        .lines()
+        .find_map(|l| l.strip_prefix("resuming after epoch "))
+        .and_then(|rest| rest.split(' ').next()?.parse::<usize>().ok());
+    assert!(
+        resumed.is_some_and(|n| n >= 3),
+        "the rerun started over instead of resuming:\n{log}"
+    );
+}

@@ -26,7 +26,26 @@ pub(super) struct History {
     pub(super) val_auc_per_class: Vec<Vec<Option<f64>>>,
     pub(super) lr: Vec<f64>,
     pub(super) best_epoch: usize,
+    /// The kept epoch's score and tie-breaker; the tie-breaker is -inf when ties keep the
+    /// earliest epoch, which JSON cannot hold, so it is written as null.
+    #[serde(with = "score_json")]
     pub(super) best_score: Option<(f64, f64)>,
+}
+
+/// `(score, tie-breaker)` in JSON with a non-finite tie-breaker as `null`: serde_json writes
+/// -inf as `null` and then refuses to read it back, which made every checkpoint of a fine-tune
+/// selecting by accuracy unreadable, so no such stage could resume.
+mod score_json {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<(f64, f64)>, s: S) -> Result<S::Ok, S::Error> {
+        v.map(|(a, b)| (a, b.is_finite().then_some(b))).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<(f64, f64)>, D::Error> {
+        let v = Option::<(f64, Option<f64>)>::deserialize(d)?;
+        Ok(v.map(|(a, b)| (a, b.unwrap_or(f64::NEG_INFINITY))))
+    }
 }
 
 /// Training images as the fine-tune sees them: an augmented view and its label.
@@ -157,6 +176,22 @@ impl Step for FineTuning<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_that_keeps_the_earliest_tie_survives_its_checkpoint() {
+        let h = History {
+            val_accuracy: vec![0.5],
+            best_epoch: 1,
+            best_score: Some((0.5, f64::NEG_INFINITY)),
+            ..History::default()
+        };
+        let json = serde_json::to_string(&h).unwrap();
+        let back: History = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.best_score, Some((0.5, f64::NEG_INFINITY)));
+        let none: History =
+            serde_json::from_str(&serde_json::to_string(&History::default()).unwrap()).unwrap();
+        assert_eq!(none.best_score, None);
+    }
 
     #[test]
     fn the_progress_line_shows_the_last_validation_accuracy_and_the_kept_epoch() {
