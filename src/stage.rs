@@ -68,11 +68,13 @@ pub trait Task {
     /// Writes outputs into `ctx.out_dir` and returns the metrics recorded in the manifest.
     fn run(p: &Self::Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value>;
     /// The line the end of a run prints for an entry of this kind (its result, or where to
-    /// look), from the entry's metrics and folder; `None` for most kinds.
-    fn headline(_metrics: &Value, _entry_dir: &Path) -> Option<String> {
-        None
-    }
+    /// look), from the entry's metrics and folder; `None` for kinds with nothing to say, whose
+    /// entries the end of a run then does not open.
+    const HEADLINE: Option<Headline> = None;
 }
+
+/// What the end of a run says about an entry, from its metrics and its folder.
+pub type Headline = fn(&Value, &Path) -> String;
 
 /// One task kind with its types erased, as the orchestrator sees it.
 #[derive(Clone, Copy)]
@@ -92,8 +94,8 @@ pub struct TaskEntry {
     pub lint: fn(&Value) -> Vec<String>,
     /// Checks of the inputs before any stage runs.
     pub preflight: fn(&Value, &Inputs) -> Result<()>,
-    /// What the end of a run says about an entry (metrics, entry folder).
-    pub headline: fn(&Value, &Path) -> Option<String>,
+    /// What the end of a run says about an entry (metrics, entry folder), for kinds that speak.
+    pub headline: Option<Headline>,
 }
 
 pub fn entry<T: Task>() -> TaskEntry {
@@ -121,7 +123,7 @@ pub fn entry<T: Task>() -> TaskEntry {
         schema: || serde_json::to_value(schemars::schema_for!(T::Params)).unwrap_or_default(),
         lint: |v| T::lint(&parse::<T>(v)),
         preflight: |v, inputs| T::preflight(&parse::<T>(v), inputs),
-        headline: T::headline,
+        headline: T::HEADLINE,
     }
 }
 

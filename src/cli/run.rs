@@ -195,19 +195,17 @@ fn headlines(
         .unwrap_or(0);
     let mut lines = Vec::new();
     for (i, stage) in loaded.plan.stages.iter().enumerate() {
+        let Some(headline) = catalog.get(&stage.kind).and_then(|k| k.headline) else {
+            continue;
+        };
         let Some(entry) = loaded.selected[i]
             .then(|| loaded.store.lookup(&stage.kind, &keys[i].key))
             .flatten()
         else {
             continue;
         };
-        let Some(kind) = catalog.get(&stage.kind) else {
-            continue;
-        };
-        let Ok(manifest) = entry.manifest() else {
-            continue;
-        };
-        if let Some(line) = (kind.headline)(&manifest.metrics, &entry.dir) {
+        if let Ok(manifest) = entry.manifest() {
+            let line = headline(&manifest.metrics, &entry.dir);
             lines.push(format!("{:width$}  {line}", stage.name));
         }
     }

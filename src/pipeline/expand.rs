@@ -629,7 +629,7 @@ mod tests {
             schema: || Value::Null,
             lint: |_| Vec::new(),
             preflight: |_, _| Ok(()),
-            headline: |_, _| None,
+            headline: None,
         }])
     }
 

@@ -72,9 +72,7 @@ impl Task for Evaluate {
         ]
     }
 
-    fn headline(metrics: &Value, _: &Path) -> Option<String> {
-        Some(headline(metrics))
-    }
+    const HEADLINE: Option<crate::stage::Headline> = Some(|metrics, _| headline(metrics));
 
     fn run(p: &Params, inputs: &Inputs, ctx: &mut StageCtx) -> Result<Value> {
         let (card, net) = ModelCard::read(inputs.path("model")?)?;

@@ -43,12 +43,8 @@ impl Task for Report {
         "one table and one HTML page over the results of many stages, spread over seeds";
     type Params = Params;
 
-    fn headline(_: &Value, entry_dir: &Path) -> Option<String> {
-        Some(format!(
-            "report: {}",
-            entry_dir.join("index.html").display()
-        ))
-    }
+    const HEADLINE: Option<crate::stage::Headline> =
+        Some(|_, entry_dir| format!("page {}", entry_dir.join("index.html").display()));
 
     fn inputs(_: &Params) -> Option<Vec<InputSlot>> {
         Some(vec![InputSlot {
