@@ -149,13 +149,20 @@ stages:
             .unwrap_or(0)
     };
     while epochs_done() < 3 {
-        assert!(Instant::now() < deadline, "the fine-tune never got to epoch 3");
+        assert!(
+            Instant::now() < deadline,
+            "the fine-tune never got to epoch 3"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: signals the pretext process this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     assert_eq!(child.wait().unwrap().code(), Some(130));
-    assert_eq!(p.entries("finetune"), 0, "an interrupted stage publishes nothing");
+    assert_eq!(
+        p.entries("finetune"),
+        0,
+        "an interrupted stage publishes nothing"
+    );
 
     p.run(&["run", "pipelines/ft.yaml"]).ok();
     let log = std::fs::read_dir(p.path().join("cache/finetune"))
