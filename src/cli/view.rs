@@ -29,7 +29,7 @@ pub struct Human {
 struct HumanState {
     bars: Option<MultiProgress>,
     overall: Option<ProgressBar>,
-    running: HashMap<String, (ProgressBar, Instant)>,
+    running: HashMap<String, ProgressBar>,
     tails: HashMap<String, VecDeque<String>>,
     last_plain_progress: HashMap<String, Instant>,
 }
@@ -199,7 +199,7 @@ impl HumanState {
                 );
                 bar.set_prefix(stage.clone());
                 bar.enable_steady_tick(Duration::from_millis(120));
-                self.running.insert(stage, (bar, Instant::now()));
+                self.running.insert(stage, bar);
             }
             None => eprintln!("  run      {stage} ({})", short(key)),
         }
@@ -208,7 +208,7 @@ impl HumanState {
     /// On a terminal the stage's spinner becomes a bar with an ETA once it knows its steps;
     /// elsewhere one line every 10 s at most, so that Slurm logs stay readable.
     fn progress(&mut self, stage: String, done: u64, total: u64, message: &str) {
-        if let Some((bar, _)) = self.running.get(&stage) {
+        if let Some(bar) = self.running.get(&stage) {
             if total > 0 && bar.length() != Some(total) {
                 bar.set_length(total);
                 bar.set_style(
@@ -245,7 +245,7 @@ impl HumanState {
     }
 
     fn finish(&mut self, stage: &str) {
-        if let Some((bar, _)) = self.running.remove(stage) {
+        if let Some(bar) = self.running.remove(stage) {
             bar.finish_and_clear();
         }
         self.tick_overall();
