@@ -41,7 +41,7 @@ pub struct RunArgs {
     /// Slurm account for every stage (a stage's resources.account wins).
     #[arg(long)]
     account: Option<String>,
-    /// GPUs this machine may use at once; one token each, one GPU stage per token [default: 0].
+    /// GPUs this machine may use at once; one token each, one GPU stage per token.
     #[arg(long, default_value_t = 0)]
     gpus: u32,
     /// Print every stage's output lines.
