@@ -38,7 +38,7 @@ fn d_title() -> String {
 
 impl Task for Report {
     const KIND: &'static str = "report";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str =
         "one table and one HTML page over the results of many stages, spread over seeds";
     type Params = Params;

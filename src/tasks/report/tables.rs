@@ -230,26 +230,38 @@ pub type PairedStatistic<'a> = (
     &'a dyn Fn(&csv::StringRecord, &csv::StringRecord) -> Option<f64>,
 );
 
-/// Every pair of routes per statistic: the Wilcoxon signed-rank test over the test images both
-/// routes scored, each image's value averaged over the route's seeds, Holm-adjusted per
-/// statistic. `statistics`: (label, file, value of a row).
+/// Every pair of routes trained on the same fraction of the labels, per statistic: the Wilcoxon
+/// signed-rank test over the test images both routes scored, each image's value averaged over
+/// the route's seeds, Holm-adjusted per statistic. Routes at different label fractions are not
+/// paired: that more labels help is not the question, and each such pair would make the Holm
+/// correction of the real comparisons stricter. `statistics`: (label, file, value of a row).
 pub fn paired(routes: &[&Route], statistics: &[PairedStatistic]) -> Result<Vec<PairedRow>> {
     let mut rows = Vec::new();
     for (label, file, value) in statistics {
-        let means: Vec<(String, BTreeMap<String, f64>)> = routes
+        let means: Vec<(String, f64, BTreeMap<String, f64>)> = routes
             .iter()
-            .map(|r| Ok((r.name.clone(), per_image(&r.leaves, file, *value)?)))
+            .map(|r| {
+                let fraction = label_fraction(r.leaves[0]);
+                Ok((
+                    r.name.clone(),
+                    fraction,
+                    per_image(&r.leaves, file, *value)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?
             .into_iter()
-            .filter(|(_, m)| !m.is_empty())
+            .filter(|(_, _, m)| !m.is_empty())
             .collect();
         let mut found = Vec::new();
         for a in 0..means.len() {
             for b in a + 1..means.len() {
+                if means[a].1 != means[b].1 {
+                    continue;
+                }
                 let diffs: Vec<f64> = means[a]
-                    .1
+                    .2
                     .iter()
-                    .filter_map(|(img, va)| means[b].1.get(img).map(|vb| va - vb))
+                    .filter_map(|(img, va)| means[b].2.get(img).map(|vb| va - vb))
                     .collect();
                 if let Some(w) = wilcoxon_signed_rank(&diffs) {
                     let mut sorted = diffs.clone();
@@ -339,4 +351,72 @@ pub fn label_fractions(routes: &[&Route]) -> Vec<FractionSeries> {
             (points.len() >= 2).then_some(FractionSeries { family, points })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::report::gather::RunFacts;
+    use std::path::Path;
+
+    /// An evaluation leaf at `fraction` whose predictions are right on the images `right`.
+    fn leaf(dir: &Path, stage: &str, fraction: f64, right: &[bool]) -> Leaf {
+        let dir = dir.join(stage);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut csv = String::from("path,label,prediction\n");
+        for (i, ok) in right.iter().enumerate() {
+            csv += &format!("img{i}.png,a,{}\n", if *ok { "a" } else { "b" });
+        }
+        std::fs::write(dir.join("predictions.csv"), csv).unwrap();
+        Leaf {
+            stage: stage.into(),
+            kind: "evaluate".into(),
+            key: stage.into(),
+            dir,
+            metrics: serde_json::json!({ "label_fraction": fraction }),
+            params: serde_json::Value::Null,
+            inputs: serde_json::Value::Null,
+            run: RunFacts {
+                wall_s: 0.0,
+                peak_rss_kib: None,
+                device: "cpu".into(),
+                host: "h".into(),
+                pretext_version: "0".into(),
+                pretext_commit: String::new(),
+                invocation: vec![],
+                started_at_unix: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn paired_tests_compare_routes_only_at_the_same_label_fraction() {
+        let tmp = tempfile::tempdir().unwrap();
+        let right: Vec<bool> = (0..30).map(|i| i % 3 != 0).collect();
+        let wrong: Vec<bool> = (0..30).map(|i| i % 2 == 0).collect();
+        let leaves = [
+            leaf(tmp.path(), "a@labels0.1", 0.1, &right),
+            leaf(tmp.path(), "b@labels0.1", 0.1, &wrong),
+            leaf(tmp.path(), "a@labels1.0", 1.0, &right),
+            leaf(tmp.path(), "b@labels1.0", 1.0, &wrong),
+        ];
+        let routes: Vec<Route> = leaves
+            .iter()
+            .map(|l| Route {
+                name: l.stage.clone(),
+                kind: l.kind.clone(),
+                leaves: vec![l],
+            })
+            .collect();
+        let refs: Vec<&Route> = routes.iter().collect();
+        let rows = paired_accuracy(&refs).unwrap();
+        let pairs: Vec<(&str, &str)> = rows.iter().map(|r| (r.a.as_str(), r.b.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("a@labels0.1", "b@labels0.1"),
+                ("a@labels1.0", "b@labels1.0")
+            ]
+        );
+    }
 }
