@@ -163,6 +163,42 @@ fn upstream(
     out
 }
 
+/// A metric as one readable line: a per-epoch series becomes its length, first, last, min and
+/// max (the whole of it is in `--json` and the manifest); anything short prints as it is.
+fn brief(value: &Value) -> String {
+    const SHORT: usize = 8;
+    let Some(items) = value.as_array().filter(|a| a.len() > SHORT) else {
+        return value.to_string();
+    };
+    let numbers: Vec<f64> = items.iter().filter_map(Value::as_f64).collect();
+    if numbers.len() != items.len() {
+        let inner = items[0]
+            .as_array()
+            .map_or(String::new(), |a| format!(" x {}", a.len()));
+        return format!("[{}{inner} values; --json prints them]", items.len());
+    }
+    let (min, max) = numbers
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let num = |v: f64| {
+        if v != 0.0 && v.abs() < 1e-2 {
+            format!("{v:.3e}")
+        } else {
+            format!("{v:.4}")
+        }
+    };
+    format!(
+        "[{} values: first {}, last {}, min {}, max {}]",
+        numbers.len(),
+        num(numbers[0]),
+        num(numbers[numbers.len() - 1]),
+        num(min),
+        num(max)
+    )
+}
+
 fn print_human(s: &Shown) {
     println!("stage    {}", s.stage);
     println!("kind     {}", s.kind);
@@ -195,11 +231,34 @@ fn print_human(s: &Shown) {
         if let Some(p) = m.peak_rss_kib {
             println!("memory   {:.1} MiB peak", p as f64 / 1024.0);
         }
-        if m.metrics.as_object().is_some_and(|o| !o.is_empty()) {
-            println!("metrics  {}", m.metrics);
+        if let Some(metrics) = m.metrics.as_object() {
+            for (name, value) in metrics {
+                println!("metric   {name}: {}", brief(value));
+            }
         }
         for path in m.outputs.keys() {
             println!("file     {path}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::brief;
+    use serde_json::json;
+
+    #[test]
+    fn a_metric_series_prints_as_its_summary_and_short_values_as_they_are() {
+        let losses: Vec<f64> = (0..60).map(|i| 2.0 - i as f64 * 0.01).collect();
+        assert_eq!(
+            brief(&json!(losses)),
+            "[60 values: first 2.0000, last 1.4100, min 1.4100, max 2.0000]"
+        );
+        assert_eq!(
+            brief(&json!(vec![vec![0.5; 4]; 60])),
+            "[60 x 4 values; --json prints them]"
+        );
+        assert_eq!(brief(&json!(["a", "b"])), r#"["a","b"]"#);
+        assert_eq!(brief(&json!(0.25)), "0.25");
     }
 }
