@@ -138,7 +138,7 @@ pub struct PipelineArgs {
     /// Apply the var overrides of a profile declared under `profiles:` (e.g. `full`).
     #[arg(long)]
     pub profile: Option<String>,
-    /// Override a var or pin a matrix axis: --set epochs=3 --set seed=1 (repeatable).
+    /// Override a var or pin a matrix axis: --set epochs=3 --set seed=1 --set seed=[0,1] (repeatable).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
     pub set: Vec<(String, serde_json::Value)>,
     /// Only these stages (instance or template names) and what they need (repeatable).

@@ -35,6 +35,17 @@ pub(super) struct Expander<'a> {
     pub(super) stage_lines: HashMap<usize, HashMap<String, (usize, usize)>>,
 }
 
+/// The values of an axis after `--set`: a list pins it to those values (`--set seed=[0,1]`),
+/// anything else to that one value. An axis whose own values are lists (`vit_dims`) takes a list
+/// as one value. None for an empty list.
+fn pinned(declared: &[Value], value: &Value) -> Option<Vec<Value>> {
+    let axis_of_lists = declared.iter().any(Value::is_array);
+    match value {
+        Value::Array(values) if !axis_of_lists => (!values.is_empty()).then(|| values.clone()),
+        one => Some(vec![one.clone()]),
+    }
+}
+
 impl<'a> Expander<'a> {
     pub(super) fn new(
         file: &'a Path,
@@ -87,7 +98,12 @@ impl<'a> Expander<'a> {
         }
         for (name, value) in &opts.set {
             if let Some(axis) = axes.iter_mut().find(|(a, _)| a == name) {
-                axis.1 = vec![value.clone()];
+                axis.1 = pinned(&axis.1, value).ok_or_else(|| {
+                    SpecError::new(file, format!("`--set {name}=[]` leaves the axis no values"))
+                        .help(format!(
+                            "give one value or a list: --set {name}=1 or --set {name}=[0,1]"
+                        ))
+                })?;
             } else if vars.iter().any(|(k, _)| k == name) {
                 set_var(&mut vars, name, value.clone());
             } else {
@@ -746,6 +762,28 @@ stages:
         let plan = plan(yaml, opts).unwrap();
         assert_eq!(names(&plan), ["a@seed2"]);
         assert_eq!(plan.stages[0].params["e"], 1);
+    }
+
+    #[test]
+    fn set_pins_an_axis_to_a_list_of_values_unless_the_axis_holds_lists() {
+        let yaml = "
+matrix: { seed: [0, 1, 2], dims: [[96, 4], [192, 12]] }
+stages:
+  a: { kind: echo, params: { s: '${seed}', d: '${dims}' } }
+";
+        let opts = |set: Vec<(String, Value)>| LoadOptions { profile: None, set };
+        let both = vec![
+            ("seed".into(), serde_json::json!([0, 2])),
+            ("dims".into(), serde_json::json!([96, 4])),
+        ];
+        let pinned = plan(yaml, opts(both)).unwrap();
+        assert_eq!(pinned.stages.len(), 2);
+        assert_eq!(pinned.stages[0].params["s"], 0);
+        assert_eq!(pinned.stages[1].params["s"], 2);
+        assert_eq!(pinned.stages[1].params["d"], serde_json::json!([96, 4]));
+        let none = vec![("seed".into(), serde_json::json!([]))];
+        let err = plan(yaml, opts(none)).unwrap_err().to_string();
+        assert!(err.contains("leaves the axis no values"), "{err}");
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub struct OutputRef {
 #[derive(Debug, Default, Clone)]
 pub struct LoadOptions {
     pub profile: Option<String>,
-    /// `--set name=value`: overrides a var, or pins a matrix axis to one value.
+    /// `--set name=value`: overrides a var, or pins a matrix axis to one value or a list of them.
     pub set: Vec<(String, Value)>,
 }
 
