@@ -12,7 +12,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,14 +79,15 @@ struct Row {
 
 pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     let store = open_store(args.cache.as_deref(), &std::env::current_dir()?)?;
-    let book = Book::read(&store)?;
+    let own = args
+        .pipeline
+        .as_ref()
+        .map(|file| Journal::for_pipeline(&store.journal_dir(), file).lines());
+    let book = Book::read(&store, own.as_deref())?;
     let mut rows = book.rows();
-    if let Some(file) = &args.pipeline {
-        let want = file.canonicalize().unwrap_or_else(|_| file.clone());
-        rows.retain(|r| {
-            let p = PathBuf::from(&r.pipeline);
-            p.canonicalize().unwrap_or(p) == want
-        });
+    if let Some(own) = &own {
+        let keys: HashSet<String> = own.iter().map(|l| l.key.hex()).collect();
+        rows.retain(|r| keys.contains(&r.key));
     }
     for (name, value) in &args.filter {
         rows.retain(|r| r.params.get(name).is_some_and(|v| same_value(v, value)));
@@ -114,14 +115,16 @@ pub fn results(args: ResultsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The cache's manifests by key, and the latest journal line naming each key.
+/// The cache's manifests by key, and the journal line naming each key: the latest of any
+/// pipeline's, or, with `--pipeline`, that pipeline's own (a key shared by two pipelines is
+/// named as the one asked about names it).
 struct Book {
     manifests: HashMap<StageKey, Manifest>,
     journal: HashMap<StageKey, JournalLine>,
 }
 
 impl Book {
-    fn read(store: &Store) -> Result<Book> {
+    fn read(store: &Store, own: Option<&[JournalLine]>) -> Result<Book> {
         let manifests = store
             .entries()?
             .into_iter()
@@ -137,6 +140,9 @@ impl Book {
                     }
                 }
             }
+        }
+        for line in own.into_iter().flatten() {
+            journal.insert(line.key, line.clone());
         }
         Ok(Book { manifests, journal })
     }

@@ -128,3 +128,50 @@ fn results_lists_groups_filters_and_diffs_evaluations() {
         bad.stderr
     );
 }
+
+#[test]
+fn results_of_a_pipeline_include_entries_another_pipeline_shares() {
+    let p = project();
+    p.run(&["run", "pipelines/two.yaml"]).ok();
+    // The same stages under other names: the same keys, so every stage is a cache hit, and
+    // this pipeline is now the latest to name them.
+    let renamed = TWO_SEEDS
+        .replace("  ft:", "  tune:")
+        .replace("ft.model", "tune.model")
+        .replace("  eval:", "  score:");
+    p.write("pipelines/copy.yaml", &renamed);
+    let copy = p.run(&["run", "pipelines/copy.yaml"]);
+    copy.ok();
+    assert!(
+        copy.stderr.contains("2 cached") || copy.stderr.contains("0 ran"),
+        "{}",
+        copy.stderr
+    );
+    for (file, name) in [
+        ("pipelines/two.yaml", "eval"),
+        ("pipelines/copy.yaml", "score"),
+    ] {
+        let r = p.run(&[
+            "results",
+            "--pipeline",
+            file,
+            "--format",
+            "json",
+            "--sort",
+            "stage",
+        ]);
+        r.ok();
+        let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let stages: Vec<&str> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["stage"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            stages,
+            [format!("{name}@seed0"), format!("{name}@seed1")],
+            "{file}"
+        );
+    }
+}
