@@ -186,6 +186,11 @@ pub struct InputItem {
     /// data (decoded images) is keyed by. `None` for upstream outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// For an upstream output, the upstream stage's name in the running pipeline
+    /// (`eval@seed1`): a cache entry records the name of the pipeline that computed it, which
+    /// another pipeline sharing the entry may call differently. `None` for data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]

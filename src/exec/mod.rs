@@ -40,6 +40,7 @@ pub fn resolve_inputs(plan: &Plan, keys: &[Keyed], store: &Store, index: usize) 
                 path: output.as_ref().map_or(dir.clone(), |o| dir.join(&o.path)),
                 options: Default::default(),
                 digest: None,
+                stage: Some(plan.stages[*up].name.clone()),
             }
         }
         InputRef::Data { path, options } => InputItem {
@@ -49,6 +50,7 @@ pub fn resolve_inputs(plan: &Plan, keys: &[Keyed], store: &Store, index: usize) 
                 Some(KeyedInput::Data { fingerprint, .. }) => Some(fingerprint.hex()),
                 _ => None,
             },
+            stage: None,
         },
     };
     Inputs(

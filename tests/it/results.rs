@@ -175,3 +175,30 @@ fn results_of_a_pipeline_include_entries_another_pipeline_shares() {
         );
     }
 }
+
+#[test]
+fn a_report_names_shared_entries_as_its_own_pipeline_does() {
+    let p = project();
+    p.run(&["run", "pipelines/two.yaml"]).ok();
+    let renamed = TWO_SEEDS
+        .replace("  ft:", "  tune:")
+        .replace("ft.model", "tune.model")
+        .replace("  eval:", "  score:")
+        + "  report:\n    kind: report\n    inputs: { results: [\"score@*\"] }\n";
+    p.write("pipelines/copy.yaml", &renamed);
+    p.run(&["run", "pipelines/copy.yaml"]).ok();
+    let report = p.run(&[
+        "show",
+        "report",
+        "--pipeline",
+        "pipelines/copy.yaml",
+        "--json",
+    ]);
+    report.ok();
+    let shown: serde_json::Value = serde_json::from_str(&report.stdout).unwrap();
+    let dir = std::path::PathBuf::from(shown["dir"].as_str().unwrap());
+    let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+    // The evaluations were computed by two.yaml as `eval@seed*`; this report reads them as
+    // copy.yaml's `score@seed*`.
+    assert!(csv.contains("\nscore,") && !csv.contains("eval"), "{csv}");
+}

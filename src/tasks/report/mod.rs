@@ -38,7 +38,7 @@ fn d_title() -> String {
 
 impl Task for Report {
     const KIND: &'static str = "report";
-    const VERSION: u32 = 3;
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str =
         "one table and one HTML page over the results of many stages, spread over seeds";
     type Params = Params;
@@ -75,7 +75,14 @@ impl Task for Report {
         let leaves: Vec<Leaf> = inputs
             .items("results")
             .iter()
-            .map(|item| gather::read(&item.path))
+            .map(|item| {
+                // Named as this pipeline names it, not as the run that computed it did.
+                let mut leaf = gather::read(&item.path)?;
+                if let Some(name) = &item.stage {
+                    leaf.stage.clone_from(name);
+                }
+                Ok(leaf)
+            })
             .collect::<Result<_>>()?;
         let routes = gather::routes(&leaves);
         let of_kind = |k: &str| routes.iter().filter(|r| r.kind == k).collect::<Vec<_>>();
