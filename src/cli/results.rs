@@ -2,7 +2,7 @@
 //! runs table. A row is an `evaluate` entry with the fine-tune it scored: the route that led to
 //! it (its upstream stages), the fine-tune params that differ between the rows shown, the test
 //! metrics with their confidence intervals, when it ran, how long it took, and the command
-//! behind it (from the journals). Seeds can be grouped into mean ± sd; two entries can be
+//! that computed it (from its manifest; older entries from the journals). Seeds can be grouped into mean ± sd; two entries can be
 //! diffed.
 
 use super::{open_store, UsageError};
@@ -169,7 +169,13 @@ impl Book {
             metrics: eval.metrics.clone(),
             date: date(eval.started_at_unix),
             wall_s,
-            invocation: line.map_or_else(String::new, |l| l.invocation.argv.join(" ")),
+            // The run that computed the evaluation, as `date` is; a journal line may name a
+            // later run that only found it cached.
+            invocation: if eval.invocation.is_empty() {
+                line.map_or_else(String::new, |l| l.invocation.argv.join(" "))
+            } else {
+                eval.invocation.join(" ")
+            },
             at_unix: eval.started_at_unix,
         }
     }

@@ -175,6 +175,19 @@ fn results_of_a_pipeline_include_entries_another_pipeline_shares() {
             [format!("{name}@seed0"), format!("{name}@seed1")],
             "{file}"
         );
+        // Computed by the run of two.yaml, whichever pipeline lists them.
+        let commands: Vec<&str> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["invocation"].as_str().unwrap())
+            .collect();
+        assert!(
+            commands
+                .iter()
+                .all(|c| c.ends_with("run pipelines/two.yaml")),
+            "{file}: {commands:?}"
+        );
     }
 }
 
