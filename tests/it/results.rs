@@ -164,24 +164,21 @@ fn results_of_a_pipeline_include_entries_another_pipeline_shares() {
         ]);
         r.ok();
         let rows: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-        let stages: Vec<&str> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["stage"].as_str().unwrap())
-            .collect();
+        let column = |name: &str| -> Vec<String> {
+            rows.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r[name].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let stages = column("stage");
         assert_eq!(
             stages,
             [format!("{name}@seed0"), format!("{name}@seed1")],
             "{file}"
         );
         // Computed by the run of two.yaml, whichever pipeline lists them.
-        let commands: Vec<&str> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["invocation"].as_str().unwrap())
-            .collect();
+        let commands = column("invocation");
         assert!(
             commands
                 .iter()
