@@ -18,16 +18,16 @@ pub struct Conv2d {
 /// Sizes of one convolution.
 #[derive(Clone, Copy)]
 pub(super) struct ConvGeometry {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    k: usize,
-    oh: usize,
-    ow: usize,
-    stride: usize,
-    padding: usize,
+    pub(super) b: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) k: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    pub(super) stride: usize,
+    pub(super) padding: usize,
 }
 
 impl ConvGeometry {
@@ -56,7 +56,7 @@ impl ConvGeometry {
         self.c * self.k * self.k
     }
     /// Output positions per image.
-    fn positions(&self) -> usize {
+    pub(super) fn positions(&self) -> usize {
         self.oh * self.ow
     }
 
@@ -72,10 +72,10 @@ impl ConvGeometry {
             .div_ceil(self.positions())
             .clamp(1, self.b.max(1))
     }
-    fn image_len(&self) -> usize {
+    pub(super) fn image_len(&self) -> usize {
         self.c * self.h * self.w
     }
-    fn output_len(&self) -> usize {
+    pub(super) fn output_len(&self) -> usize {
         self.o * self.positions()
     }
 
@@ -217,34 +217,12 @@ pub(super) const GEMM_POSITIONS: usize = 256;
 /// inside the noise, on the wrong side, so wider planes keep their row copies.
 pub(super) const SHIFTED_ROWS_UP_TO: usize = 8;
 
-/// The transpose of a row-major matrix with rows of `cols` values. Blocks of 16 rows at a time,
-/// so that each write is a run of 16 and the 16 rows being read stay in L1: element by element
-/// it took 9.4-9.8 ms for ResNet's 512x4608 weight (writes 2 KiB apart), this way 4.3-5.9.
+/// The transpose of a row-major matrix with rows of `cols` values (see `transpose_into`).
 pub(super) fn transpose(m: &[f32], cols: usize) -> Vec<f32> {
-    const BLOCK: usize = 16;
-    let rows = m.len() / cols.max(1);
-    // SAFETY: the blocks' runs cover every element of t.
+    // SAFETY: `transpose_into` writes every element of t.
     let mut t = unsafe { unzeroed(m.len()) };
-    for (b, block) in m.chunks(BLOCK * cols.max(1)).enumerate() {
-        let n = block.len() / cols;
-        for c in 0..cols {
-            let run = &mut t[c * rows + b * BLOCK..][..n];
-            for (i, d) in run.iter_mut().enumerate() {
-                *d = block[i * cols + c];
-            }
-        }
-    }
+    transpose_into(m, cols, &mut t);
     t
-}
-
-/// `[images, rows, n]` to `[rows, images * n]` with rows `ld` apart: a group's gradient as
-/// its GEMM reads it.
-pub(super) fn side_by_side(images: &[f32], rows: usize, n: usize, out: &mut [f32], ld: usize) {
-    for (t, image) in images.chunks_exact(rows * n).enumerate() {
-        for (r, src) in image.chunks_exact(n).enumerate() {
-            out[r * ld + t * n..][..n].copy_from_slice(src);
-        }
-    }
 }
 
 /// dst[m x n] (rows `dst_rs` apart) = lhs * rhs, or += with `accumulate`, on the calling
@@ -282,8 +260,12 @@ pub(super) fn row_major(data: &[f32], cols: usize) -> View {
     }
 }
 
-/// y[image] = W[O, CKK] cols(image)[CKK, N], one GEMM per image, images in parallel.
+/// y[image] = W[O, CKK] cols(image)[CKK, N], one GEMM per image, images in parallel; 3x3
+/// stride-1 convolutions of large enough planes by Winograd's algorithm instead.
 pub(super) fn convolve(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
+    if winograd::applies(g) {
+        return winograd::convolve(g, x, w);
+    }
     let (n, ckk) = (g.positions(), g.ckk());
     // SAFETY (both): each image's GEMM overwrites its output whole; im2col writes every
     // column entry (zero where the window leaves the image).
@@ -351,9 +333,10 @@ impl CustomOp2 for Conv2d {
     }
 }
 
-/// dW = sum over images of g[O, N] cols[CKK, N]^T, one GEMM per group of images (see
-/// `ConvGeometry::group`; transposed for few channels, see `TRANSPOSED_DW_BELOW`), in a fixed
-/// number of batch chunks summed in order (the same result whatever the thread count).
+/// dW = sum over images of g[O, N] cols[CKK, N]^T, computed transposed, dW^T[CKK, O] =
+/// cols g^T, one GEMM per group of images (see `ConvGeometry::group`) with g^T copied (see
+/// `dw_transposed`), in a fixed number of batch chunks summed in order (the same result
+/// whatever the thread count) and transposed once at the end.
 pub(super) struct Conv2dWeightGrad {
     stride: usize,
     padding: usize,
@@ -361,13 +344,6 @@ pub(super) struct Conv2dWeightGrad {
 }
 
 pub(super) const CONV_GRAD_CHUNKS: usize = 8;
-
-/// Below this many output channels the weight gradient is computed transposed, dW^T[CKK, O],
-/// and transposed once at the end. The `gemm` crate ran the same product 1.3-1.6x faster with
-/// a row-major output of O columns than of O rows (one thread, best of 7: ResNet's 64-channel
-/// layer1 1.89 -> 1.16 ms, DenseNet's 32-channel growth 0.40 -> 0.25 ms, the stem 2.06 -> 1.52),
-/// about even at 128 channels and 10-20% slower at 256 and 512.
-pub(super) const TRANSPOSED_DW_BELOW: usize = 128;
 
 impl CustomOp2 for Conv2dWeightGrad {
     fn name(&self) -> &'static str {
@@ -390,68 +366,82 @@ impl CustomOp2 for Conv2dWeightGrad {
             self.stride,
             self.padding,
         )?;
-        let (n, ckk, group) = (g.positions(), g.ckk(), g.group());
-        let ld = group * n;
-        let transposed = g.o < TRANSPOSED_DW_BELOW;
         let per_chunk =
             g.b.div_ceil(CONV_GRAD_CHUNKS)
                 .max(1)
-                .next_multiple_of(group);
+                .next_multiple_of(g.group());
         let partials: Vec<Vec<f32>> = x
             .par_chunks(per_chunk * g.image_len())
             .zip(grad.par_chunks(per_chunk * g.output_len()))
-            .map(|(images, grads)| {
-                // SAFETY: the chunk's first GEMM overwrites dw whole (t == 0 does not
-                // accumulate). im2col and side_by_side write the columns of every image in the
-                // group, and the GEMMs read only those (`width`); a short last group leaves the
-                // tail of each row unread.
-                let mut dw = unsafe { unzeroed(g.o * ckk) };
-                let mut cols =
-                    unsafe { unzeroed(if group == 1 { g.cols_len() } else { ckk * ld }) };
-                let mut gathered = unsafe { unzeroed(if group == 1 { 0 } else { g.o * ld }) };
-                for (t, (images, grads)) in images
-                    .chunks(group * g.image_len())
-                    .zip(grads.chunks(group * g.output_len()))
-                    .enumerate()
-                {
-                    let (cols, gy) = if group == 1 {
-                        (
-                            row_major(g.columns(images, &mut cols), n),
-                            row_major(grads, n),
-                        )
-                    } else {
-                        for (i, image) in images.chunks(g.image_len()).enumerate() {
-                            g.im2col(image, &mut cols[i * n..], ld);
-                        }
-                        side_by_side(grads, g.o, n, &mut gathered, ld);
-                        (row_major(&cols, ld), row_major(&gathered, ld))
-                    };
-                    let width = images.len() / g.image_len() * n;
-                    if transposed {
-                        // dW^T[CKK, O] += cols[CKK, images * N] g^T[images * N, O]
-                        conv_gemm((ckk, g.o, width), &mut dw, g.o, t > 0, cols, gy.t());
-                    } else {
-                        // dW[O, CKK] += g[O, images * N] cols^T[images * N, CKK]
-                        conv_gemm((g.o, ckk, width), &mut dw, ckk, t > 0, gy, cols.t());
-                    }
-                }
-                dw
-            })
+            .map(|(images, grads)| dw_transposed(&g, images, grads))
             .collect();
-        let mut sum = vec![0f32; g.o * ckk];
-        for p in partials {
-            sum.iter_mut().zip(p).for_each(|(d, v)| *d += v);
-        }
-        let dw = if transposed {
-            transpose(&sum, g.o)
-        } else {
-            sum
-        };
+        let dw_t = sum_in_order(&partials, g.o * g.ckk());
         Ok((
-            CpuStorage::F32(dw),
+            CpuStorage::F32(transpose(&dw_t, g.o)),
             Shape::from((g.o, g.c, self.kernel, self.kernel)),
         ))
     }
+}
+
+/// One batch chunk's dW^T[CKK, O] = sum over its groups of cols[CKK, images * N]
+/// g^T[images * N, O]. The gradient is transposed into a copy rather than read through a
+/// transposed view: the `gemm` crate packs a strided operand slowly. One thread, median of 15,
+/// ResNet-18's shapes at 128 px (O x CKK, 256 positions), through the view / with the copy:
+/// 64 x 576 0.86 / 0.68 ms, 128 x 1152 0.76 / 0.66, 256 x 2304 2.98 / 2.76, 512 x 4608 11.6 /
+/// 11.4, the stem's 64 x 49 (4,096 positions) 0.99 / 0.28; untransposed, dW = g cols^T, 2.3 /
+/// 0.92 / 3.2 / 12.2 / 0.84.
+fn dw_transposed(g: &ConvGeometry, images: &[f32], grads: &[f32]) -> Vec<f32> {
+    let (n, ckk, group) = (g.positions(), g.ckk(), g.group());
+    let ld = group * n;
+    // SAFETY: the first GEMM overwrites dw whole (t == 0 does not accumulate). im2col and
+    // transpose_into write the columns and rows of every image in the group, and the GEMMs
+    // read only those (`width`); a short last group leaves the tail of each row unread.
+    let mut dw = unsafe { unzeroed(ckk * g.o) };
+    let mut cols = unsafe { unzeroed(if group == 1 { g.cols_len() } else { ckk * ld }) };
+    let mut g_t = unsafe { unzeroed(ld * g.o) };
+    for (t, (images, grads)) in images
+        .chunks(group * g.image_len())
+        .zip(grads.chunks(group * g.output_len()))
+        .enumerate()
+    {
+        let width = images.len() / g.image_len() * n;
+        let cols = if group == 1 {
+            row_major(g.columns(images, &mut cols), n)
+        } else {
+            for (i, image) in images.chunks(g.image_len()).enumerate() {
+                g.im2col(image, &mut cols[i * n..], ld);
+            }
+            row_major(&cols, ld)
+        };
+        for (i, gy) in grads.chunks(g.output_len()).enumerate() {
+            transpose_into(gy, n, &mut g_t[i * g.output_len()..][..gy.len()]);
+        }
+        conv_gemm(
+            (ckk, g.o, width),
+            &mut dw,
+            g.o,
+            t > 0,
+            cols,
+            row_major(&g_t, g.o),
+        );
+    }
+    dw
+}
+
+/// The elementwise sum of the partials (each `len` long; zeros if there are none), added in
+/// their order whatever the thread count, the elements split between the threads.
+fn sum_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
+    let Some((first, rest)) = partials.split_first() else {
+        return vec![0.0; len];
+    };
+    let mut sum = first.clone();
+    let step = 16 * 1024;
+    sum.par_chunks_mut(step).enumerate().for_each(|(i, s)| {
+        for p in rest {
+            s.iter_mut().zip(&p[i * step..]).for_each(|(d, v)| *d += v);
+        }
+    });
+    sum
 }
 
 /// dX, by one of two routes. A stride-1 convolution's input gradient is itself a convolution: of
@@ -466,9 +456,11 @@ pub(super) struct Conv2dInputGrad {
 
 /// From this many input channels on, stride-1 input gradients take the convolution route. One
 /// thread, best of 10, `gemm` crate: ResNet-18's 3x3 shapes at 128 px ran 62-66 GFLOP/s by
-/// col2im and 83-88 as a convolution from 128 channels up; at 64 channels (layer1) the col2im
-/// route's 576-row GEMM was the faster, 84-86 against 68.
-pub(super) const INPUT_GRAD_AS_CONV_FROM: usize = 128;
+/// col2im and 83-88 as a convolution from 128 channels up. At 64 channels (layer1) the col2im
+/// route's GEMM alone was the faster, 84-86 against 68, but with col2im counted the whole input
+/// gradient took 31.6 ms by that route against 15.6 as a convolution (batch 32, 2 threads,
+/// median of 7), and the convolution route now runs by Winograd's algorithm besides.
+pub(super) const INPUT_GRAD_AS_CONV_FROM: usize = 64;
 
 impl ConvGeometry {
     /// The geometry of the input gradient as a convolution of the output gradient, where that

@@ -24,6 +24,7 @@ mod raw;
 mod relu;
 mod simd;
 mod softmax;
+mod winograd;
 
 pub use attention::Attention;
 pub use batchnorm::{channel_stats, BatchNormTrain};

@@ -240,3 +240,111 @@ impl Shared {
         unsafe { self.0.add(offset) }
     }
 }
+
+/// `t` = the transpose of `m` (row-major, rows of `cols` values; `t` the same length). In 8x8
+/// blocks through AVX registers where the CPU has AVX, the ragged edges element by element.
+/// Element by element with 16-row blocks it took about 4 cycles an element (a quarter of a
+/// Winograd convolution's samples at ResNet's layer1); in registers, under one.
+pub(super) fn transpose_into(m: &[f32], cols: usize, t: &mut [f32]) {
+    assert_eq!(m.len(), t.len(), "transpose: sizes differ");
+    let rows = m.len() / cols.max(1);
+    let (full_rows, full_cols) = (rows / 8 * 8, cols / 8 * 8);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX (checked above); the blocks lie inside both matrices.
+        unsafe { transpose_blocks_avx(m, rows, cols, t) };
+        transpose_edges(m, rows, cols, t, (full_rows, full_cols));
+        return;
+    }
+    transpose_edges(m, rows, cols, t, (0, 0));
+}
+
+/// The elements of `m` outside its first `full.0` rows' first `full.1` columns, transposed
+/// into `t`; with `full = (0, 0)`, the whole matrix.
+fn transpose_edges(m: &[f32], rows: usize, cols: usize, t: &mut [f32], full: (usize, usize)) {
+    for r in 0..rows {
+        let from = if r < full.0 { full.1 } else { 0 };
+        for c in from..cols {
+            t[c * rows + r] = m[r * cols + c];
+        }
+    }
+}
+
+/// The 8x8 blocks of the first `rows / 8 * 8` rows and `cols / 8 * 8` columns.
+///
+/// # Safety
+/// The CPU must have AVX; `m` and `t` must hold `rows * cols` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_blocks_avx(m: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for r in (0..rows / 8 * 8).step_by(8) {
+        for c in (0..cols / 8 * 8).step_by(8) {
+            // SAFETY: rows r..r+8 and columns c..c+8 lie inside m, and their transposes
+            // inside t (the loop bounds stop at the last whole block).
+            unsafe {
+                let row = |i: usize| _mm256_loadu_ps(m.as_ptr().add((r + i) * cols + c));
+                let (a0, a1, a2, a3) = (row(0), row(1), row(2), row(3));
+                let (a4, a5, a6, a7) = (row(4), row(5), row(6), row(7));
+                let (b0, b1) = (_mm256_unpacklo_ps(a0, a1), _mm256_unpackhi_ps(a0, a1));
+                let (b2, b3) = (_mm256_unpacklo_ps(a2, a3), _mm256_unpackhi_ps(a2, a3));
+                let (b4, b5) = (_mm256_unpacklo_ps(a4, a5), _mm256_unpackhi_ps(a4, a5));
+                let (b6, b7) = (_mm256_unpacklo_ps(a6, a7), _mm256_unpackhi_ps(a6, a7));
+                let c0 = _mm256_shuffle_ps::<0x44>(b0, b2);
+                let c1 = _mm256_shuffle_ps::<0xEE>(b0, b2);
+                let c2 = _mm256_shuffle_ps::<0x44>(b1, b3);
+                let c3 = _mm256_shuffle_ps::<0xEE>(b1, b3);
+                let c4 = _mm256_shuffle_ps::<0x44>(b4, b6);
+                let c5 = _mm256_shuffle_ps::<0xEE>(b4, b6);
+                let c6 = _mm256_shuffle_ps::<0x44>(b5, b7);
+                let c7 = _mm256_shuffle_ps::<0xEE>(b5, b7);
+                let out = [
+                    _mm256_permute2f128_ps::<0x20>(c0, c4),
+                    _mm256_permute2f128_ps::<0x20>(c1, c5),
+                    _mm256_permute2f128_ps::<0x20>(c2, c6),
+                    _mm256_permute2f128_ps::<0x20>(c3, c7),
+                    _mm256_permute2f128_ps::<0x31>(c0, c4),
+                    _mm256_permute2f128_ps::<0x31>(c1, c5),
+                    _mm256_permute2f128_ps::<0x31>(c2, c6),
+                    _mm256_permute2f128_ps::<0x31>(c3, c7),
+                ];
+                for (j, v) in out.into_iter().enumerate() {
+                    _mm256_storeu_ps(t.as_mut_ptr().add((c + j) * rows + r), v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shape class: whole 8x8 blocks only, ragged rows, ragged columns, both, and
+    /// matrices narrower than a block.
+    #[test]
+    fn transpose_matches_the_definition() {
+        for (rows, cols) in [
+            (16, 24),
+            (13, 16),
+            (16, 21),
+            (13, 21),
+            (3, 5),
+            (1, 9),
+            (9, 1),
+        ] {
+            let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut t = vec![-1f32; rows * cols];
+            transpose_into(&m, cols, &mut t);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        m[r * cols + c],
+                        "{rows}x{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
+}
