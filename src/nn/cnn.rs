@@ -194,17 +194,17 @@ mod tests {
             // over 81 to 16 per image), a smaller group last; the 17 px row takes one image per
             // GEMM and sums 3 per batch chunk. The 3 px row pads by 2 on every side, so some
             // column rows are all padding. The 1x1 rows use the image as its own column
-            // matrix, except in the 6 px row's grouped weight gradient. Only the row with 128
-            // output channels computes the weight gradient untransposed. The rows with 64 to 130
+            // matrix, except in the 6 px row's grouped weight gradient. The rows with 64 to 130
             // input channels take the input gradient as a convolution (stride 1, that
             // convolution padded by 1 and by 0) or, with stride 2, by col2im. Stride-1 3x3
-            // convolutions padded by 1 with at least 8x8 tiles of 2x2 outputs (the 15, 16 and
-            // 17 px rows) run by Winograd's F(2x2, 3x3), 2 images per GEMM (a single image
-            // last); the 16 px row's input gradient too, through the convolution route;
-            // 15 and 17 px have odd sizes, so their last tiles hang over the edge. Stride-1 rows with
-            // as many output as input columns (padding (K - 1) / 2) on planes up to 8 wide build
-            // their column rows by one shifted copy each, the 1 px row from zeros alone; the 9
-            // and 17 px rows copy row by row.
+            // convolutions padded by 1 with at least 4x4 tiles of 2x2 outputs (the 9, 15, 16
+            // and 17 px rows) run by Winograd's F(2x2, 3x3): 6 images per GEMM at 9 px (a
+            // single image last), 2 at 15 to 17 px; the 16 px row's input gradient too,
+            // through the convolution route; 9, 15 and 17 px have odd sizes, so their last
+            // tiles hang over the edge. Stride-1 rows with as many output as input columns
+            // (padding (K - 1) / 2) on planes up to 8 wide build their column rows by one
+            // shifted copy each, the 1 px row from zeros alone; the 9 and 17 px rows copy row by
+            // row.
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {

@@ -485,18 +485,23 @@ impl ConvGeometry {
 }
 
 /// W[O, C, K, K] to W'[C, O, K, K] with W'[c, o, i, j] = W[o, c, K-1-i, K-1-j]: flipping both
-/// spatial axes reverses each flattened K x K block.
+/// spatial axes reverses each flattened K x K block. The input channels in parallel: on one
+/// thread, ResNet-18's 512 x 512 x 3 x 3 weight took about 3 ms of each last-stage input
+/// gradient.
 pub(super) fn flip_kernel(w: &[f32], o: usize, c: usize, kk: usize) -> Vec<f32> {
-    // SAFETY: the loops write every (c, o) block.
+    // SAFETY: each input channel's task writes all of its O blocks.
     let mut flipped = unsafe { unzeroed(w.len()) };
-    for (oi, per_out) in w.chunks_exact(c * kk).enumerate() {
-        for (ci, block) in per_out.chunks_exact(kk).enumerate() {
-            let dst = &mut flipped[(ci * o + oi) * kk..][..kk];
-            dst.iter_mut()
-                .zip(block.iter().rev())
-                .for_each(|(d, &v)| *d = v);
-        }
-    }
+    flipped
+        .par_chunks_mut(o * kk)
+        .enumerate()
+        .for_each(|(ci, per_in)| {
+            for (oi, dst) in per_in.chunks_exact_mut(kk).enumerate() {
+                let block = &w[(oi * c + ci) * kk..][..kk];
+                dst.iter_mut()
+                    .zip(block.iter().rev())
+                    .for_each(|(d, &v)| *d = v);
+            }
+        });
     flipped
 }
 

@@ -26,11 +26,11 @@ use rayon::prelude::*;
 const TILES_PER_GEMM: usize = 128;
 
 /// Planes with fewer tiles than this stay with im2col, where the transformed weights (16/9 of
-/// the weights, transformed on every call) and a few large groups outweigh the
-/// multiplications saved. Forward at batch 32, 2 threads, median of 40, im2col against
-/// Winograd: 8x8 planes, 128 channels 3.5 against 5.5 ms; 256 channels 13.2 against 17.1;
-/// 4x4 planes, 512 channels 14.6 against 28.8; 16x16 planes, 64 channels 3.8 against 2.3.
-const MIN_TILES: usize = 64;
+/// the weights, transformed on every call) outweigh the multiplications saved. Forward of
+/// C -> C channels at batch 32, 2 threads, median of 30, im2col against Winograd (ms): 32x32
+/// planes, 64 channels 14.5 / 9.1; 16x16, 128: 13.3 / 7.4; 8x8, 256: 12.2 / 10.0; 8x8, 128:
+/// 3.3 / 2.4; but 4x4 planes (4 tiles), 512 channels: 14.6 / 14.8-19.4.
+const MIN_TILES: usize = 16;
 
 /// Whether `g` is a convolution this file computes.
 pub(super) fn applies(g: &ConvGeometry) -> bool {
@@ -57,7 +57,8 @@ pub(super) fn convolve(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
 }
 
 /// One group of images: each image's tiles transformed into V[xi][tiles, C], the 16 GEMMs
-/// M[xi][tiles, O] = V[xi] U[xi], then each image's tiles back into its output planes.
+/// M[xi][tiles, O] = V[xi] U[xi] (in parallel too: a batch of small planes is one or two
+/// groups), then each image's tiles back into its output planes.
 fn convolve_group(g: &ConvGeometry, u: &[f32], images: &[f32], y: &mut [f32]) {
     let (th, tw) = tiles(g);
     let (per_image, pw) = (th * tw, 2 * tw + 2);
@@ -76,11 +77,13 @@ fn convolve_group(g: &ConvGeometry, u: &[f32], images: &[f32], y: &mut [f32]) {
             transform_input(g, &padded, i * per_image, width, &mut v);
         }
     });
-    for xi in 0..16 {
-        let (v, m) = (&v[xi * width * g.c..], &mut m[xi * width * g.o..]);
-        let u = row_major(&u[xi * g.c * g.o..][..g.c * g.o], g.o);
-        conv_gemm((width, g.o, g.c), m, g.o, false, row_major(v, g.c), u);
-    }
+    m.par_chunks_mut(width * g.o)
+        .enumerate()
+        .for_each(|(xi, m)| {
+            let v = &v[xi * width * g.c..][..width * g.c];
+            let u = row_major(&u[xi * g.c * g.o..][..g.c * g.o], g.o);
+            conv_gemm((width, g.o, g.c), m, g.o, false, row_major(v, g.c), u);
+        });
     for (i, y) in y.chunks_exact_mut(g.output_len()).enumerate() {
         let hwc = &mut hwc[..g.positions() * g.o];
         simd(|| transform_output(g, &m, i * per_image, width, hwc));
