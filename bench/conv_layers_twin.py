@@ -3,7 +3,10 @@
 process, alternated with the candle side:
 
     OMP_NUM_THREADS=2 python3 bench/conv_layers_twin.py [rounds]
+
+IMG=<px> scales the planes to another input size than 128, as the candle side does.
 """
+import os
 import statistics
 import sys
 import time
@@ -31,7 +34,9 @@ def main():
     print("| conv | count | fwd ms | bwd ms |")
     print("|---|---|---|---|")
     tf = tb = 0.0
+    img = int(os.environ.get("IMG", "128"))
     for name, c, h, o, k, s, p, count in SHAPES:
+        h = h * img // 128
         x = torch.randn(32, c, h, h).to(memory_format=fmt).requires_grad_()
         w = (torch.randn(o, c, k, k) * 0.05).to(memory_format=fmt).requires_grad_()
         side = (h + 2 * p - k) // s + 1

@@ -9,7 +9,8 @@
 //! ResNet-18 has the shape. The backward is the convolution's own (its input and weight
 //! gradients from a random output gradient), called directly, and so is PyTorch's
 //! (`torch.autograd.grad`). The stem's includes its input gradient, which a network skips.
-//! Set CONV=<prefix> to time only the shapes whose name starts with it (for a profiler).
+//! Set CONV=<prefix> to time only the shapes whose name starts with it (for a profiler), and
+//! IMG=<px> for another input size than 128 (the planes scale with it).
 
 use candle_core::{CustomOp2, Device, Result, Tensor, Var};
 use pretext::nn::fused::Conv2d;
@@ -63,11 +64,13 @@ fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(7);
     let only = std::env::var("CONV").ok();
+    let img: usize = std::env::var("IMG").map_or(128, |v| v.parse().expect("IMG: a size in px"));
     let dev = Device::Cpu;
     println!("| conv | count | fwd ms | bwd ms |");
     println!("|---|---|---|---|");
     let (mut total_f, mut total_b) = (0.0, 0.0);
     for (name, c, h, o, k, stride, padding, count) in SHAPES {
+        let h = h * img / 128;
         if only.as_deref().is_some_and(|f| !name.starts_with(f)) {
             continue;
         }

@@ -189,6 +189,7 @@ mod tests {
             (2, 3, 3, 1, 1, 1),
             (3, 4, 3, 1, 1, 15),
             (64, 5, 3, 1, 1, 16),
+            (64, 4, 3, 1, 1, 3),
         ] {
             // 19 images: the weight gradient's GEMMs take them 4 to 16 at a time (256 positions
             // over 81 to 16 per image), a smaller group last; the 17 px row takes one image per
@@ -204,7 +205,10 @@ mod tests {
             // tiles hang over the edge. Stride-1 rows with as many output as input columns
             // (padding (K - 1) / 2) on planes up to 8 wide build their column rows by one
             // shifted copy each, the 1 px row from zeros alone; the 9 and 17 px rows copy row by
-            // row.
+            // row. Planes under 16 positions (the 1 and 3 px rows, the 5 px 1x1/2 row) take
+            // their forward 5 images at a time (4 last); the 3 px row's input gradient too, as
+            // a convolution, and its weight gradient, all 19 images in one chunk, is split into
+            // row blocks of 512 and 64.
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (19, c, size, size), &dev).unwrap())
                 .unwrap();
             let conv = Conv {
