@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// 2-D convolution without bias (torchvision's ResNet and DenseNet), square kernel, as im2col
-/// and one GEMM per image; images run in parallel. Backward computes the weight's gradient with
+/// and GEMMs, images in parallel (3x3 stride-1 layers by Winograd's algorithm, see
+/// `winograd`). Backward computes the weight's gradient with
 /// GEMMs over the same columns and the input's gradient only when the input needs one: candle's
 /// conv backward computes the image's gradient with direct loops even for the network's input.
 pub struct Conv2d {
@@ -38,6 +39,9 @@ impl ConvGeometry {
         if ci != c || k != k2 || h + 2 * padding < k || wd + 2 * padding < k {
             candle_core::bail!("conv2d: input {x:?} does not fit weight {w:?}");
         }
+        if c == 0 || o == 0 || k == 0 || stride == 0 {
+            candle_core::bail!("conv2d: empty weight {w:?} or stride 0");
+        }
         Ok(ConvGeometry {
             b,
             c,
@@ -55,6 +59,10 @@ impl ConvGeometry {
     fn ckk(&self) -> usize {
         self.c * self.k * self.k
     }
+    /// The output's shape.
+    fn output_dims(&self) -> [usize; 4] {
+        [self.b, self.o, self.oh, self.ow]
+    }
     /// Output positions per image.
     pub(super) fn positions(&self) -> usize {
         self.oh * self.ow
@@ -64,9 +72,10 @@ impl ConvGeometry {
     /// 128 px ResNet's last stage has 16 per image, and a GEMM that adds one image's 16 terms
     /// to each of dW's 2.4M entries reads and writes all of dW per image. Images side by side
     /// make the inner dimension about `GEMM_POSITIONS` (this stage's backward: 170 -> 110 ms).
-    /// The forward and the input gradient stay per image: grouped, they measured no faster, and
-    /// the forward slower (fewer, larger tasks to share between the threads). Depends on the
-    /// shape only, so results do not depend on the thread count.
+    /// The forward and the input gradient stay per image from 16 positions up: grouped, they
+    /// measured no faster there, and the forward slower (fewer, larger tasks to share between
+    /// the threads); below, see `convolve_grouped`. Depends on the shape only, so results do
+    /// not depend on the thread count.
     fn group(&self) -> usize {
         GEMM_POSITIONS
             .div_ceil(self.positions())
@@ -294,14 +303,14 @@ pub(super) const GROUPED_FORWARD_BELOW: usize = 16;
 pub(super) const FORWARD_TASKS: usize = 4;
 
 /// The forward of small planes: a group of images' columns side by side (see
-/// `ConvGeometry::group`, at most a `FORWARD_TASKS`th of the batch), one GEMM W[O, CKK]
+/// `ConvGeometry::group`, at most a `FORWARD_TASKS`th of the batch, rounded down), one GEMM W[O, CKK]
 /// cols[CKK, images * N], each image's block copied out. One GEMM per image would be N wide,
 /// which the `gemm` crate runs with its narrowest kernel and with the whole weight packed again
 /// for each image: ResNet-18's last stage at 64 px (2x2 planes, 512 channels) took 13.9 ms a 3x3
 /// forward that way, 5.0 grouped, where PyTorch takes 4.8 (batch 32, 2 threads, median of 9).
 fn convolve_grouped(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (n, ckk) = (g.positions(), g.ckk());
-    let group = g.group().min(g.b.div_ceil(FORWARD_TASKS)).max(1);
+    let group = g.group().min(g.b / FORWARD_TASKS).max(1);
     let ld = group * n;
     // SAFETY (all three): the copies below write every output of the group's images, from a
     // GEMM that writes `wide`'s first `width` columns whole, from columns im2col writes for
@@ -411,6 +420,14 @@ impl CustomOp2 for Conv2dWeightGrad {
             self.stride,
             self.padding,
         )?;
+        if gl.dims() != g.output_dims() {
+            candle_core::bail!(
+                "{}: gradient {:?} for output {:?}",
+                self.name(),
+                gl.dims(),
+                g.output_dims()
+            );
+        }
         let per_chunk =
             g.b.div_ceil(CONV_GRAD_CHUNKS)
                 .max(1)
@@ -574,6 +591,14 @@ impl CustomOp2 for Conv2dInputGrad {
         let grad = slice(gs, gl, self.name())?;
         let w = slice(ws, wl, self.name())?;
         let g = ConvGeometry::new(&self.input, wl.dims(), self.stride, self.padding)?;
+        if gl.dims() != g.output_dims() {
+            candle_core::bail!(
+                "{}: gradient {:?} for output {:?}",
+                self.name(),
+                gl.dims(),
+                g.output_dims()
+            );
+        }
         if let Some(as_conv) = g.input_grad_as_conv() {
             let flipped = flip_kernel(w, g.o, g.c, g.k * g.k);
             let dx = convolve(&as_conv, grad, &flipped);

@@ -247,6 +247,12 @@ impl Shared {
 /// Winograd convolution's samples at ResNet's layer1); in registers, under one.
 pub(super) fn transpose_into(m: &[f32], cols: usize, t: &mut [f32]) {
     assert_eq!(m.len(), t.len(), "transpose: sizes differ");
+    // Whole rows only: `t` starts unzeroed in the callers, and a ragged tail would stay unwritten.
+    assert!(
+        m.is_empty() || (cols > 0 && m.len().is_multiple_of(cols)),
+        "transpose: {} values are not rows of {cols}",
+        m.len()
+    );
     let rows = m.len() / cols.max(1);
     let (full_rows, full_cols) = (rows / 8 * 8, cols / 8 * 8);
     #[cfg(target_arch = "x86_64")]
