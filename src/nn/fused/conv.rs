@@ -59,9 +59,14 @@ impl ConvGeometry {
     fn ckk(&self) -> usize {
         self.c * self.k * self.k
     }
-    /// The output's shape.
-    fn output_dims(&self) -> [usize; 4] {
-        [self.b, self.o, self.oh, self.ow]
+    /// An error unless `dims` is the output's shape: the gradient kernels read and write as
+    /// many values as the geometry says, from buffers that start unzeroed.
+    fn check_gradient(&self, op: &str, dims: &[usize]) -> Result<()> {
+        let want = [self.b, self.o, self.oh, self.ow];
+        if dims != want {
+            candle_core::bail!("{op}: gradient {dims:?} for an output of {want:?}");
+        }
+        Ok(())
     }
     /// Output positions per image.
     pub(super) fn positions(&self) -> usize {
@@ -420,14 +425,7 @@ impl CustomOp2 for Conv2dWeightGrad {
             self.stride,
             self.padding,
         )?;
-        if gl.dims() != g.output_dims() {
-            candle_core::bail!(
-                "{}: gradient {:?} for output {:?}",
-                self.name(),
-                gl.dims(),
-                g.output_dims()
-            );
-        }
+        g.check_gradient(self.name(), gl.dims())?;
         let per_chunk =
             g.b.div_ceil(CONV_GRAD_CHUNKS)
                 .max(1)
@@ -591,14 +589,7 @@ impl CustomOp2 for Conv2dInputGrad {
         let grad = slice(gs, gl, self.name())?;
         let w = slice(ws, wl, self.name())?;
         let g = ConvGeometry::new(&self.input, wl.dims(), self.stride, self.padding)?;
-        if gl.dims() != g.output_dims() {
-            candle_core::bail!(
-                "{}: gradient {:?} for output {:?}",
-                self.name(),
-                gl.dims(),
-                g.output_dims()
-            );
-        }
+        g.check_gradient(self.name(), gl.dims())?;
         if let Some(as_conv) = g.input_grad_as_conv() {
             let flipped = flip_kernel(w, g.o, g.c, g.k * g.k);
             let dx = convolve(&as_conv, grad, &flipped);
