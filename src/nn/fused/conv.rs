@@ -620,3 +620,44 @@ impl CustomOp2 for Conv2dInputGrad {
         Ok((CpuStorage::F32(dx), Shape::from(self.input.clone())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Both gradient kernels refuse a gradient that is not the output's shape (here one column
+    /// short) instead of reading past it or leaving part of their result unwritten.
+    #[test]
+    fn a_gradient_of_the_wrong_shape_is_an_error() {
+        let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+        let (x, w, short) = (
+            zeros(&[2, 3, 8, 8]),
+            zeros(&[4, 3, 3, 3]),
+            zeros(&[2, 4, 8, 7]),
+        );
+        let dw = x.apply_op2_no_bwd(
+            &short,
+            &Conv2dWeightGrad {
+                stride: 1,
+                padding: 1,
+                kernel: 3,
+            },
+        );
+        let dx = short.apply_op2_no_bwd(
+            &w,
+            &Conv2dInputGrad {
+                stride: 1,
+                padding: 1,
+                input: vec![2, 3, 8, 8],
+            },
+        );
+        for (what, result) in [("weight", dw), ("input", dx)] {
+            let err = result.expect_err(what).to_string();
+            assert!(
+                err.contains("gradient [2, 4, 8, 7] for an output of [2, 4, 8, 8]"),
+                "{what}: {err}"
+            );
+        }
+    }
+}
