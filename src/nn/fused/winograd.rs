@@ -152,40 +152,29 @@ fn transform_input(g: &ConvGeometry, padded: &[f32], first: usize, width: usize,
             // B^T across each window row a: rows[a * 4 + j].
             for a in 0..4 {
                 let d = |b: usize| &padded[((2 * ty + a) * pw + 2 * tx + b) * c..][..c];
-                let out = &mut rows[a * 4 * c..][..4 * c];
-                combine(out, c, [d(0), d(1), d(2), d(3)]);
+                let mut out = rows[a * 4 * c..][..4 * c].chunks_exact_mut(c);
+                let out = [(); 4].map(|_| out.next().expect("4 rows of c"));
+                combine(out, [d(0), d(1), d(2), d(3)]);
             }
-            // Then down the columns: position i * 4 + j.
+            // Then down the columns: position i * 4 + j, 4 positions (4 * width tiles) apart.
             let t = first + ty * tw + tx;
             for j in 0..4 {
                 let r = |a: usize| &rows[(a * 4 + j) * c..][..c];
-                let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                for (i, f) in [
-                    (|a, _, c, _| a - c) as fn(f32, f32, f32, f32) -> f32,
-                    |_, b, c, _| b + c,
-                    |_, b, c, _| c - b,
-                    |_, b, _, d| b - d,
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    let out = &mut v[((i * 4 + j) * width + t) * c..][..c];
-                    for k in 0..c {
-                        out[k] = f(r0[k], r1[k], r2[k], r3[k]);
-                    }
-                }
+                let mut out = v[(j * width + t) * c..]
+                    .chunks_mut(4 * width * c)
+                    .map(|position| &mut position[..c]);
+                let out = [(); 4].map(|_| out.next().expect("16 positions"));
+                combine(out, [r(0), r(1), r(2), r(3)]);
             }
         }
     }
 }
 
-/// B^T applied to four vectors: out[j] for j in 0..4, each `c` long.
+/// B^T applied to four vectors: out[j] = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)[j], element by
+/// element.
 #[inline(always)]
-fn combine(out: &mut [f32], c: usize, [d0, d1, d2, d3]: [&[f32]; 4]) {
-    let (o0, rest) = out.split_at_mut(c);
-    let (o1, rest) = rest.split_at_mut(c);
-    let (o2, o3) = rest.split_at_mut(c);
-    for k in 0..c {
+fn combine([o0, o1, o2, o3]: [&mut [f32]; 4], [d0, d1, d2, d3]: [&[f32]; 4]) {
+    for k in 0..o0.len() {
         o0[k] = d0[k] - d2[k];
         o1[k] = d1[k] + d2[k];
         o2[k] = d2[k] - d1[k];
