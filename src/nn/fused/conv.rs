@@ -194,6 +194,14 @@ impl ConvGeometry {
         }
     }
 
+    /// The column matrices of several images side by side, rows `ld` apart: image i's
+    /// columns from column i * N on.
+    fn columns_side_by_side(&self, images: &[f32], cols: &mut [f32], ld: usize) {
+        for (i, image) in images.chunks(self.image_len()).enumerate() {
+            self.im2col(image, &mut cols[i * self.positions()..], ld);
+        }
+    }
+
     /// The adjoint of `im2col`: adds each column entry back onto the pixel it came from, in the
     /// same order as a loop over every entry would.
     fn col2im(&self, cols: &[f32], ld: usize, image: &mut [f32]) {
@@ -327,9 +335,7 @@ fn convolve_grouped(g: &ConvGeometry, x: &[f32], w: &[f32]) -> Vec<f32> {
             let width = images.len() / g.image_len() * n;
             let mut cols = unsafe { unzeroed(ckk * ld) };
             let mut wide = unsafe { unzeroed(g.o * ld) };
-            for (i, image) in images.chunks(g.image_len()).enumerate() {
-                g.im2col(image, &mut cols[i * n..], ld);
-            }
+            g.columns_side_by_side(images, &mut cols, ld);
             let (w, cols) = (row_major(w, ckk), row_major(&cols, ld));
             conv_gemm((g.o, width, ckk), &mut wide, ld, false, w, cols);
             for (i, y) in y.chunks_exact_mut(g.output_len()).enumerate() {
@@ -471,9 +477,7 @@ fn dw_transposed(g: &ConvGeometry, images: &[f32], grads: &[f32], split_rows: bo
         let cols = if group == 1 {
             row_major(g.columns(images, &mut cols), n)
         } else {
-            for (i, image) in images.chunks(g.image_len()).enumerate() {
-                g.im2col(image, &mut cols[i * n..], ld);
-            }
+            g.columns_side_by_side(images, &mut cols, ld);
             row_major(&cols, ld)
         };
         for (i, gy) in grads.chunks(g.output_len()).enumerate() {
@@ -504,12 +508,15 @@ fn sum_in_order(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
         return vec![0.0; len];
     };
     let mut sum = first.clone();
-    let step = 16 * 1024;
-    sum.par_chunks_mut(step).enumerate().for_each(|(i, s)| {
-        for p in rest {
-            s.iter_mut().zip(&p[i * step..]).for_each(|(d, v)| *d += v);
-        }
-    });
+    sum.par_chunks_mut(CHUNK_ELEMS)
+        .enumerate()
+        .for_each(|(i, s)| {
+            for p in rest {
+                s.iter_mut()
+                    .zip(&p[i * CHUNK_ELEMS..])
+                    .for_each(|(d, v)| *d += v);
+            }
+        });
     sum
 }
 
