@@ -47,18 +47,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    // As `pretext` runs (src/cli/mod.rs): freed blocks stay in the heap, so that large buffers
-    // are not unmapped and faulted in again on every call (in a VM each unmap also costs a TLB
-    // shootdown across the cores), and candle's elementwise pool is the calling thread alone.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes the allocator; no other thread has started.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    // As `pretext` runs: freed blocks stay in the heap, so that large buffers are not unmapped
+    // and faulted in again on every call (in a VM each unmap also costs a TLB shootdown across
+    // the cores), and on small machines candle's elementwise pool is the calling thread alone.
+    pretext::cli::keep_freed_memory();
+    pretext::cli::quiet_elementwise_pool();
     let rounds: usize = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())

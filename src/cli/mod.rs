@@ -324,10 +324,11 @@ pub fn main() -> ExitCode {
 /// stem activations at 128 px are 33.5 MiB; mapped afresh each time, they cost 190,000 page
 /// faults per 8 steps and 5.6% of the step (median of 8 alternated pairs). Peak RSS is
 /// unchanged. Freed memory then stays with the process: glibc trims only a free heap top above
-/// the 1 GiB threshold.
-fn keep_freed_memory() {
+/// the 1 GiB threshold. Call it before any thread starts (the CLI's `main` does; benchmarks
+/// outside it, such as `examples/conv_layers.rs`, too).
+pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
+    // SAFETY: mallopt only tunes the allocator (glibc serialises it with its own locks).
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
@@ -339,8 +340,9 @@ fn keep_freed_memory() {
 /// CPU samples of an MAE-64 step away from the GEMM threads. Without workers (one thread: the
 /// caller) an MAE-64 step was 10-20% faster and a ViT-224 step no slower in three paired runs
 /// (BENCHMARKS.md). Only on small machines, where the pools contend for the same cores, and only
-/// when the user has not chosen. Called before any thread starts.
-fn quiet_elementwise_pool() {
+/// when the user has not chosen. Call it before any thread starts (the CLI's `main` does;
+/// benchmarks outside it, such as `examples/conv_layers.rs`, too).
+pub fn quiet_elementwise_pool() {
     let small = std::thread::available_parallelism().is_ok_and(|n| n.get() <= 4);
     if small && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
