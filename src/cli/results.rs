@@ -2,8 +2,8 @@
 //! runs table. A row is an `evaluate` entry with the fine-tune it scored: the route that led to
 //! it (its upstream stages), the fine-tune params that differ between the rows shown, the test
 //! metrics with their confidence intervals, when it ran, how long it took, and the command
-//! that computed it (from its manifest; older entries from the journals). Seeds can be grouped into mean ± sd; two entries can be
-//! diffed.
+//! that computed it (from its manifest; older entries from the journals). Seeds can be grouped
+//! into mean ± sd; two entries can be diffed.
 
 use super::{open_store, UsageError};
 use crate::cache::journal::{Journal, JournalLine};
