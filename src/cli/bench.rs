@@ -91,6 +91,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             crop_scale: (0.5, 1.0),
             center_bias: 0.0,
             hflip: true,
+            quarter_turns: false,
             randaug: Some((2, 6.0)),
         };
         let n = (batch * batches).min(decoded.len());

@@ -3,7 +3,7 @@
 //! a classification view, four rotations of one image, a jigsaw permutation, two contrastive
 //! views; the loader does not care.
 
-use super::augment::{hflip, rand_augment, random_resized_crop, resize, Grey};
+use super::augment::{hflip, rand_augment, random_resized_crop, resize, rotate90, Grey};
 use super::decode::{shuffled, Decoded};
 use crate::rng::Rng;
 use rayon::prelude::*;
@@ -30,6 +30,9 @@ pub struct TrainAug {
     pub crop_scale: (f64, f64),
     pub center_bias: f64,
     pub hflip: bool,
+    /// Rotate by 0, 90, 180 or 270 degrees, uniformly: for images whose label does not depend
+    /// on which way up the film was taken.
+    pub quarter_turns: bool,
     /// (number of ops, magnitude 0-10).
     pub randaug: Option<(usize, f64)>,
 }
@@ -60,17 +63,23 @@ pub fn view(
     let img = Grey::from_u8(decoded.image(pos), decoded.size);
     match aug {
         None => resize(&img, size),
-        Some(a) => {
-            let mut g = random_resized_crop(&img, size, a.crop_scale, a.center_bias, rng);
-            if a.hflip && rng.f64() < 0.5 {
-                g = hflip(&g);
-            }
-            if let Some((n, m)) = a.randaug {
-                g = rand_augment(&g, n, m, rng);
-            }
-            g
-        }
+        Some(a) => augmented(&img, size, a, rng),
     }
+}
+
+/// One training view of `img` at `size`: crop, flip, quarter turn, RandAugment, as `a` asks.
+pub fn augmented(img: &Grey, size: usize, a: &TrainAug, rng: &mut Rng) -> Grey {
+    let mut g = random_resized_crop(img, size, a.crop_scale, a.center_bias, rng);
+    if a.hflip && rng.f64() < 0.5 {
+        g = hflip(&g);
+    }
+    if a.quarter_turns {
+        g = rotate90(&g, rng.below(4));
+    }
+    if let Some((n, m)) = a.randaug {
+        g = rand_augment(&g, n, m, rng);
+    }
+    g
 }
 
 /// The image `pos` of `decoded` as evaluation sees it: the store resized to `size`.
@@ -179,6 +188,39 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quarter_turns_draw_every_orientation_and_only_when_asked() {
+        // A ramp differs from each of its rotations; a whole-image crop keeps it exact.
+        let img = Grey {
+            size: 4,
+            px: (0..16).map(|v| v as f32 / 15.0).collect(),
+        };
+        let orientations = |quarter_turns: bool| {
+            let a = TrainAug {
+                crop_scale: (1.0, 1.0),
+                center_bias: 0.0,
+                hflip: false,
+                quarter_turns,
+                randaug: None,
+            };
+            let mut rng = Rng::new(3);
+            let mut seen: Vec<Grey> = Vec::new();
+            for _ in 0..64 {
+                let g = augmented(&img, 4, &a, &mut rng);
+                assert!(
+                    (0..4).any(|q| rotate90(&img, q) == g),
+                    "not a rotation of the image"
+                );
+                if !seen.contains(&g) {
+                    seen.push(g);
+                }
+            }
+            seen.len()
+        };
+        assert_eq!(orientations(false), 1);
+        assert_eq!(orientations(true), 4);
+    }
 
     #[test]
     fn a_sample_that_panics_ends_the_epoch_with_that_panic_not_silently() {

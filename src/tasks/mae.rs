@@ -309,6 +309,7 @@ fn epoch_batches(
         crop_scale: p.crop_scale,
         center_bias: 0.0,
         hflip: true,
+        quarter_turns: false,
         randaug: None,
     };
     let (d, t, size) = (

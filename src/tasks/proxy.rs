@@ -378,6 +378,7 @@ impl Task for Proxy {
             },
             center_bias: 0.0,
             hflip: p.task != ProxyKind::Rotation,
+            quarter_turns: false,
             randaug: matches!(p.task, ProxyKind::Exemplar | ProxyKind::Contrastive)
                 .then_some((2, 9.0)),
         };

@@ -298,6 +298,7 @@ fn train_aug(p: &Params) -> TrainAug {
         crop_scale: p.crop_scale,
         center_bias: p.center_bias,
         hflip: p.hflip,
+        quarter_turns: p.quarter_turns,
         randaug: (p.randaug_magnitude > 0.0 && p.randaug_n > 0)
             .then_some((p.randaug_n, p.randaug_magnitude)),
     }

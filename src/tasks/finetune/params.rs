@@ -26,6 +26,10 @@ fn d_optimizer() -> OptimizerKind {
     OptimizerKind::Adamw
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 fn is_timm_init(w: &WeightInit) -> bool {
     *w == WeightInit::Timm
 }
@@ -152,6 +156,10 @@ pub struct Params {
     /// Flip training images horizontally with probability 0.5.
     #[serde(default = "yes")]
     pub hflip: bool,
+    /// Also rotate training images by a random multiple of 90 degrees (radiographs filed on
+    /// their side or upside down; the label must not depend on orientation).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quarter_turns: bool,
     /// Clip the gradient's global norm to this value (unset: no clipping).
     #[serde(default)]
     pub clip_grad: Option<f64>,

@@ -2,6 +2,7 @@
 //! cross-entropy, and after each epoch a validation score that picks the checkpoint kept.
 
 use super::params::{better, Params};
+use crate::data::augment::Tta;
 use crate::data::loader::{self, Batch, Normalize, TrainAug};
 use crate::nn::ops::weighted_cross_entropy;
 use crate::nn::tap::Taps;
@@ -147,6 +148,7 @@ impl Step for FineTuning<'_> {
             self.p.backbone.img_size,
             self.views.norm,
             self.classes,
+            Tta::None,
         )?;
         let (vl, va, vauc) = (scored.loss, scored.accuracy, scored.auc);
         h.train_loss.push(done.mean_loss);
