@@ -1,9 +1,9 @@
 //! `pretext results`: every evaluation in the cache as one table, like `dvc exp show` or a W&B
 //! runs table. A row is an `evaluate` entry with the fine-tune it scored: the route that led to
-//! it (its upstream stages), the fine-tune params that differ between the rows shown, the test
-//! metrics with their confidence intervals, when it ran, how long it took, and the command
-//! that computed it (from its manifest; older entries from the journals). Seeds can be grouped
-//! into mean ± sd; two entries can be diffed.
+//! it (its upstream stages), the fine-tune and evaluation params (`eval.*`) that differ between
+//! the rows shown, the test metrics with their confidence intervals, when it ran, how long it
+//! took, and the command that computed it (from its manifest; older entries from the
+//! journals). Seeds can be grouped into mean ± sd; two entries can be diffed.
 
 use super::{open_store, UsageError};
 use crate::cache::journal::{Journal, JournalLine};
@@ -11,7 +11,7 @@ use crate::cache::{KeyedInput, Manifest, StageKey, Store};
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,7 +158,10 @@ impl Book {
     fn row(&self, key: &StageKey, eval: &Manifest) -> Row {
         let line = self.journal.get(key);
         let ft = upstream(eval, "model").and_then(|k| self.manifests.get(&k));
-        let params = ft.map_or_else(BTreeMap::new, |m| flat_params(&m.key_input.params));
+        let mut params = ft.map_or_else(BTreeMap::new, |m| flat_params(&m.key_input.params));
+        // The evaluation's own params (test-time views, bootstrap) tell apart two scorings
+        // of one model; prefixed so that its `seed` is not taken for the model's.
+        params.extend(flat_params(&json!({ "eval": eval.key_input.params })));
         let wall_s = eval.wall_s + ft.map_or(0.0, |m| m.wall_s);
         Row {
             key: key.hex(),
@@ -625,6 +628,31 @@ mod tests {
         assert_eq!(groups[0].seeds, vec![json!(0), json!(1)]);
         let (mean, _) = groups[0].metrics["accuracy"];
         assert!((mean - 0.65).abs() < 1e-12, "{mean}");
+    }
+
+    #[test]
+    fn two_scorings_of_the_same_models_are_two_groups() {
+        let row = |seed: u64, tta: &str| Row {
+            key: String::new(),
+            stage: "eval".into(),
+            pipeline: String::new(),
+            route: "mae > ft".into(),
+            params: flat_params(&json!({ "seed": seed, "eval": { "tta": tta } })),
+            metrics: json!({ "accuracy": 0.5 }),
+            date: String::new(),
+            wall_s: 0.0,
+            invocation: String::new(),
+            at_unix: 1,
+        };
+        let rows = [
+            row(0, "none"),
+            row(1, "none"),
+            row(0, "flip"),
+            row(1, "flip"),
+        ];
+        let groups = group_seeds(&rows);
+        assert_eq!(groups.len(), 2);
+        assert!(groups.iter().all(|g| g.seeds == vec![json!(0), json!(1)]));
     }
 
     #[test]

@@ -113,6 +113,59 @@ pub fn rotate90(img: &Grey, quarter_turns: usize) -> Grey {
     out
 }
 
+/// Which views of each image a scoring pass averages its class probabilities over
+/// (test-time augmentation). Views are exact pixel permutations, so no view is blurrier than
+/// the image itself.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Tta {
+    /// The image alone.
+    #[default]
+    None,
+    /// The image and its mirror image (for models trained with `hflip`).
+    Flip,
+    /// All eight rotations and mirror images (for models trained with `hflip` and
+    /// `quarter_turns`).
+    Dihedral,
+}
+
+impl Tta {
+    /// How many views [`Tta::views`] makes of each image.
+    pub fn count(self) -> usize {
+        match self {
+            Tta::None => 1,
+            Tta::Flip => 2,
+            Tta::Dihedral => 8,
+        }
+    }
+
+    pub fn views(self, img: Grey) -> Vec<Grey> {
+        match self {
+            Tta::None => vec![img],
+            Tta::Flip => {
+                let mirrored = hflip(&img);
+                vec![img, mirrored]
+            }
+            Tta::Dihedral => {
+                let mirrored = hflip(&img);
+                (0..4)
+                    .flat_map(|q| [rotate90(&img, q), rotate90(&mirrored, q)])
+                    .collect()
+            }
+        }
+    }
+}
+
 /// An affine warp about the centre: output (x, y) samples the source at A*(x-c, y-c) + c + t.
 fn affine(img: &Grey, a: [f32; 4], t: (f32, f32)) -> Grey {
     let n = img.size;
@@ -309,6 +362,23 @@ mod tests {
         assert_eq!(rotate90(&rotate90(&img, 2), 2), img);
         assert_eq!(hflip(&hflip(&img)), img);
         assert_ne!(rotate90(&img, 1), img);
+    }
+
+    #[test]
+    fn test_time_views_are_the_distinct_symmetries_of_the_image() {
+        let img = ramp(5);
+        assert_eq!(Tta::None.views(img.clone()), vec![img.clone()]);
+        assert_eq!(Tta::Flip.views(img.clone()), vec![img.clone(), hflip(&img)]);
+        let eight = Tta::Dihedral.views(img.clone());
+        for tta in [Tta::None, Tta::Flip, Tta::Dihedral] {
+            assert_eq!(tta.views(img.clone()).len(), tta.count());
+        }
+        assert_eq!(eight[0], img);
+        for (i, a) in eight.iter().enumerate() {
+            for b in &eight[i + 1..] {
+                assert_ne!(a, b, "two of the eight views are the same");
+            }
+        }
     }
 
     #[test]

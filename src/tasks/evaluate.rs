@@ -6,6 +6,7 @@
 use super::fit::scores::{argmax, score};
 use super::fit::{ImageSet, SetSpec};
 use super::net::ModelCard;
+use crate::data::augment::Tta;
 use crate::data::decode::OnBadImage;
 use crate::data::loader::Normalize;
 use crate::data::source::Split;
@@ -36,6 +37,15 @@ pub struct Params {
     /// `error`: stop at an image that does not decode, naming its row; `skip`: leave it out and count it.
     #[serde(default)]
     pub on_bad_image: OnBadImage,
+    /// Test-time augmentation: `none`, `flip` (the image and its mirror image) or `dihedral`
+    /// (its eight rotations and mirror images); the class probabilities are their mean. Use
+    /// only the symmetries the model was trained with (`hflip`, `quarter_turns`).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub tta: Tta,
+}
+
+fn is_none(t: &Tta) -> bool {
+    *t == Tta::None
 }
 
 fn d_rounds() -> usize {
@@ -102,6 +112,7 @@ impl Task for Evaluate {
                 std: card.std,
             },
             k,
+            p.tta,
         )?
         .probs;
         let truth: Vec<usize> = test

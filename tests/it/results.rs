@@ -129,6 +129,34 @@ fn results_lists_groups_filters_and_diffs_evaluations() {
     );
 }
 
+#[test]
+fn test_time_views_are_a_separate_scoring_of_the_same_models() {
+    let p = project();
+    let with_flip = format!(
+        "{TWO_SEEDS}  eval_flip:\n    kind: evaluate\n    inputs: {{ model: ft.model, data: data.shoulder }}\n    params: {{ bootstrap: 20, tta: flip }}\n"
+    );
+    p.write("pipelines/tta.yaml", &with_flip);
+    p.run(&["run", "pipelines/tta.yaml"]).ok();
+    let grouped = p.run(&["results", "--group-seeds", "--format", "json"]);
+    grouped.ok();
+    let g: serde_json::Value = serde_json::from_str(&grouped.stdout).unwrap();
+    let groups = g.as_array().unwrap();
+    assert_eq!(groups.len(), 2, "one group per scoring: {g}");
+    let tta: Vec<&serde_json::Value> = groups.iter().map(|x| &x["params"]["eval.tta"]).collect();
+    assert!(tta.contains(&&serde_json::json!("flip")), "{g}");
+    // The mirror image changes what a (barely trained) model says about most images.
+    let read = |stage: &str| {
+        let shown = p.run(&["show", stage, "--pipeline", "pipelines/tta.yaml", "--json"]);
+        shown.ok();
+        let v: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();
+        let dir = std::path::PathBuf::from(v["dir"].as_str().unwrap());
+        std::fs::read_to_string(dir.join("predictions.csv")).unwrap()
+    };
+    let (plain, flipped) = (read("eval@seed0"), read("eval_flip@seed0"));
+    assert_eq!(plain.lines().count(), flipped.lines().count());
+    assert_ne!(plain, flipped);
+}
+
 /// TWO_SEEDS with its stages renamed (`tune`, `score`), so the same keys under other names,
 /// and `extra` stages after them.
 fn renamed_copy(extra: &str) -> String {

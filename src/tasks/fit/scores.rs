@@ -2,6 +2,7 @@
 //! accuracy, one-vs-rest AUCs, and the probabilities behind them.
 
 use super::{batch_tensors, scalar, ImageSet};
+use crate::data::augment::Tta;
 use crate::data::loader::{self, Normalize};
 use crate::nn::ops::cross_entropy;
 use crate::nn::tap::Taps;
@@ -24,7 +25,9 @@ pub struct Scores {
     pub probs: Vec<Vec<f64>>,
 }
 
-/// `net` on the images at `positions` of `set`, each the store resized to `size`.
+/// `net` on the images at `positions` of `set`, each the store resized to `size`; with `tta`,
+/// each image's class probabilities are the mean over its views (the loss stays the mean
+/// cross-entropy over every view).
 pub fn score(
     net: &Net,
     set: &ImageSet,
@@ -32,6 +35,7 @@ pub fn score(
     size: usize,
     norm: Normalize,
     classes: usize,
+    tta: Tta,
 ) -> Result<Scores> {
     let dev = net.device().clone();
     let (mut loss_sum, mut probs, mut truth) = (0.0, Vec::new(), Vec::new());
@@ -41,24 +45,31 @@ pub fn score(
         .map(|&p| set.label(p))
         .collect::<Result<_>>()?;
     let (pos, lab) = (positions.to_vec(), labels.clone());
+    let views = tta.count();
     let rx = loader::epoch(
         positions.len(),
-        64,
+        (64 / views).max(1),
         loader::Order::InOrder,
         loader::LastBatch::Keep,
         size,
-        move |i, _| vec![(norm.apply(loader::resized(&d, pos[i], size)), lab[i])],
+        move |i, _| {
+            let img = loader::resized(&d, pos[i], size);
+            tta.views(img)
+                .into_iter()
+                .map(|v| (norm.apply(v), lab[i]))
+                .collect()
+        },
     );
     for b in rx {
         let (x, y) = batch_tensors(&b, &dev)?;
         let logits = net.logits(&x, None, &mut Taps::none())?;
         loss_sum += scalar(&cross_entropy(&logits, &y, 0.0)?)? * b.n as f64;
         let p: Vec<Vec<f32>> = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2()?;
-        probs.extend(
-            p.into_iter()
-                .map(|r| r.into_iter().map(f64::from).collect::<Vec<f64>>()),
-        );
-        truth.extend(b.y.iter().map(|&v| v as usize));
+        // A batch holds whole items, each as `views` consecutive rows.
+        for (rows, ys) in p.chunks(views).zip(b.y.chunks(views)) {
+            probs.push(mean_rows(rows));
+            truth.push(ys[0] as usize);
+        }
     }
     let pred: Vec<usize> = probs.iter().map(|r| argmax(r)).collect();
     let onehot: Vec<Vec<bool>> = truth
@@ -67,12 +78,25 @@ pub fn score(
         .collect();
     let (auc_per_class, auc) = roc_auc_per_class(&onehot, &probs);
     Ok(Scores {
-        loss: loss_sum / positions.len().max(1) as f64,
+        loss: loss_sum / (positions.len() * views).max(1) as f64,
         accuracy: accuracy(&truth, &pred),
         auc,
         auc_per_class,
         probs,
     })
+}
+
+/// The mean of equally long rows, in f64.
+fn mean_rows(rows: &[Vec<f32>]) -> Vec<f64> {
+    let mut mean = vec![0.0; rows[0].len()];
+    for r in rows {
+        for (m, &v) in mean.iter_mut().zip(r) {
+            *m += f64::from(v);
+        }
+    }
+    let n = rows.len() as f64;
+    mean.iter_mut().for_each(|m| *m /= n);
+    mean
 }
 
 /// The index of the largest value (the first of ties).
