@@ -90,6 +90,9 @@ pub enum Select {
     Auc,
     /// Lowest validation loss.
     Loss,
+    /// The last epoch, whatever validation says (a fixed schedule chosen in advance; on a
+    /// validation split of a few dozen images every per-epoch choice is mostly noise).
+    Last,
 }
 
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
@@ -292,11 +295,18 @@ pub fn train_steps(images: usize, batch: usize) -> usize {
 impl Select {
     /// A score to maximise, and a second one for ties (or `NEG_INFINITY`: ties keep the
     /// earliest epoch).
-    pub(super) fn score(self, accuracy: f64, auc: Option<f64>, loss: f64) -> (f64, f64) {
+    pub(super) fn score(
+        self,
+        epoch: usize,
+        accuracy: f64,
+        auc: Option<f64>,
+        loss: f64,
+    ) -> (f64, f64) {
         match self {
             Select::Accuracy => (accuracy, f64::NEG_INFINITY),
             Select::Auc => (auc.unwrap_or(accuracy), -loss),
             Select::Loss => (-loss, f64::NEG_INFINITY),
+            Select::Last => (epoch as f64, f64::NEG_INFINITY),
         }
     }
 }
@@ -365,17 +375,23 @@ mod tests {
 
     #[test]
     fn selection_by_accuracy_keeps_the_earliest_tie() {
-        let first = Select::Accuracy.score(0.6, Some(0.7), 1.0);
-        let tie = Select::Accuracy.score(0.6, Some(0.9), 0.5);
+        let first = Select::Accuracy.score(1, 0.6, Some(0.7), 1.0);
+        let tie = Select::Accuracy.score(2, 0.6, Some(0.9), 0.5);
         assert!(
             !better(tie, first),
             "an equal accuracy keeps the earlier epoch"
         );
-        assert!(better(Select::Accuracy.score(0.61, None, 2.0), first));
-        let auc = Select::Auc.score(0.5, Some(0.8), 1.0);
+        assert!(better(Select::Accuracy.score(3, 0.61, None, 2.0), first));
+        let auc = Select::Auc.score(1, 0.5, Some(0.8), 1.0);
         assert!(
-            better(Select::Auc.score(0.4, Some(0.8), 0.9), auc),
+            better(Select::Auc.score(2, 0.4, Some(0.8), 0.9), auc),
             "AUC ties go to the lower loss"
         );
+    }
+
+    #[test]
+    fn selection_of_the_last_epoch_ignores_validation() {
+        let good = Select::Last.score(1, 0.9, Some(0.9), 0.1);
+        assert!(better(Select::Last.score(2, 0.1, Some(0.5), 3.0), good));
     }
 }

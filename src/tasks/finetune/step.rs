@@ -157,7 +157,7 @@ impl Step for FineTuning<'_> {
         h.val_auc.push(vauc);
         h.val_auc_per_class.push(scored.auc_per_class);
         h.lr.push(done.last_lr);
-        let score = self.p.select.score(va, vauc, vl);
+        let score = self.p.select.score(epoch, va, vauc, vl);
         if h.best_score.is_none_or(|b| better(score, b)) {
             h.best_score = Some(score);
             h.best_epoch = epoch + 1;
