@@ -140,6 +140,10 @@ pub enum Tta {
 }
 
 impl Tta {
+    pub fn is_none(&self) -> bool {
+        *self == Tta::None
+    }
+
     /// How many views [`Tta::views`] makes of each image.
     pub fn count(self) -> usize {
         match self {

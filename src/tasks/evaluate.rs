@@ -40,12 +40,8 @@ pub struct Params {
     /// Test-time augmentation: `none`, `flip` (the image and its mirror image) or `dihedral`
     /// (its eight rotations and mirror images); the class probabilities are their mean. Use
     /// only the symmetries the model was trained with (`hflip`, `quarter_turns`).
-    #[serde(default, skip_serializing_if = "is_none")]
+    #[serde(default, skip_serializing_if = "Tta::is_none")]
     pub tta: Tta,
-}
-
-fn is_none(t: &Tta) -> bool {
-    *t == Tta::None
 }
 
 fn d_rounds() -> usize {
